@@ -1,0 +1,12 @@
+//! The agent core: conversation messages, the events a turn emits, and the loop that drives
+//! a model and its tools. Nothing here knows about Kubernetes, so the same loop can run in
+//! the controller, in tests without a cluster, or in a local process.
+
+pub mod event;
+pub mod message;
+pub mod prompt;
+pub mod turn;
+
+pub use event::AgentEvent;
+pub use message::{ChatMessage, ToolCall};
+pub use turn::{TurnConfig, TurnFailure, TurnOutcome, run_turn};

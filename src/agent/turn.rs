@@ -1,0 +1,568 @@
+//! One agent turn: call the model, run the tools it asks for, feed the results back, until
+//! it answers without tool calls.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{AgentEvent, ChatMessage, ToolCall};
+use crate::llm::{ChatModel, ChatResponse, LlmError};
+use crate::tools::{ToolFailure, ToolOutput, ToolRouter};
+
+#[derive(Clone, Debug)]
+pub struct TurnConfig {
+    /// Most model calls in this turn.
+    pub max_iterations: u32,
+    /// Waits before each retry of a retryable model failure; its length is the number of
+    /// retries.
+    pub llm_retry_delays: Vec<Duration>,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            max_iterations: 300,
+            llm_retry_delays: vec![Duration::from_secs(5), Duration::from_secs(15)],
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TurnOutcome {
+    /// The model answered without tool calls.
+    Completed { final_response: String },
+    /// `max_iterations` model calls were made and the model still wanted tools.
+    MaxIterationsReached { iterations: u32 },
+    /// The model endpoint or a tool's environment failed for good.
+    Failed(TurnFailure),
+    /// The turn was interrupted from outside.
+    Cancelled,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TurnFailure {
+    Llm(LlmError),
+    Tool(ToolFailure),
+}
+
+async fn emit(events: &mpsc::Sender<AgentEvent>, event: AgentEvent) {
+    // A closed channel means nobody listens any more; the turn itself can go on.
+    let _ = events.send(event).await;
+}
+
+/// Runs one turn on `history`, which already ends with the user's message, appending
+/// everything the model and the tools say.
+pub async fn run_turn(
+    model: &dyn ChatModel,
+    tools: &ToolRouter,
+    history: &mut Vec<ChatMessage>,
+    config: &TurnConfig,
+    events: &mpsc::Sender<AgentEvent>,
+    cancel: &CancellationToken,
+) -> TurnOutcome {
+    emit(events, AgentEvent::Processing).await;
+    let specs = tools.specs();
+    let mut iterations = 0;
+    while iterations < config.max_iterations {
+        iterations += 1;
+        let response = tokio::select! {
+            _ = cancel.cancelled() => return TurnOutcome::Cancelled,
+            r = call_with_retries(model, history, &specs, config, events) => r,
+        };
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => return TurnOutcome::Failed(TurnFailure::Llm(e)),
+        };
+        if let Some(text) = &response.content {
+            emit(
+                events,
+                AgentEvent::AssistantMessage {
+                    content: text.clone(),
+                },
+            )
+            .await;
+        }
+        if response.tool_calls.is_empty() {
+            let final_response = response.content.unwrap_or_default();
+            history.push(ChatMessage::Assistant {
+                content: Some(final_response.clone()),
+                tool_calls: vec![],
+            });
+            emit(
+                events,
+                AgentEvent::TurnComplete {
+                    final_response: final_response.clone(),
+                },
+            )
+            .await;
+            return TurnOutcome::Completed { final_response };
+        }
+
+        let calls = parse_calls(response.tool_calls);
+        history.push(ChatMessage::Assistant {
+            content: response.content,
+            tool_calls: calls.iter().map(|c| c.stored.clone()).collect(),
+        });
+        for c in &calls {
+            emit(
+                events,
+                AgentEvent::ToolCall {
+                    tool_call_id: c.stored.id.clone(),
+                    tool: c.stored.name.clone(),
+                    arguments: c
+                        .arguments
+                        .clone()
+                        .unwrap_or(Value::Object(Default::default())),
+                },
+            )
+            .await;
+        }
+        let runs = calls.iter().map(|c| async move {
+            match &c.arguments {
+                Some(args) => tools.call(&c.stored.name, args.clone()).await,
+                None => Ok(ToolOutput::error(format!(
+                    "ERROR: Tool call to '{}' had malformed JSON arguments and was NOT executed. \
+                     Retry with valid JSON; for large content write smaller pieces.",
+                    c.stored.name
+                ))),
+            }
+        });
+        let results = tokio::select! {
+            _ = cancel.cancelled() => return TurnOutcome::Cancelled,
+            r = join_all(runs) => r,
+        };
+        // Results go back in the order the model asked, whatever order they finished in.
+        for (call, result) in calls.iter().zip(results) {
+            let output = match result {
+                Ok(o) => o,
+                Err(failure) => return TurnOutcome::Failed(TurnFailure::Tool(failure)),
+            };
+            emit(
+                events,
+                AgentEvent::ToolOutput {
+                    tool_call_id: call.stored.id.clone(),
+                    tool: call.stored.name.clone(),
+                    output: output.content.clone(),
+                    success: output.success,
+                },
+            )
+            .await;
+            history.push(ChatMessage::Tool {
+                tool_call_id: call.stored.id.clone(),
+                name: call.stored.name.clone(),
+                content: output.content,
+            });
+        }
+    }
+    TurnOutcome::MaxIterationsReached { iterations }
+}
+
+struct ParsedCall {
+    /// What goes into the history; malformed arguments are stored as `{}` so the history
+    /// stays valid for providers that parse it.
+    stored: ToolCall,
+    /// None when the model's arguments were not a JSON object.
+    arguments: Option<Value>,
+}
+
+fn parse_calls(calls: Vec<ToolCall>) -> Vec<ParsedCall> {
+    calls
+        .into_iter()
+        .map(|mut call| {
+            let raw = if call.arguments.trim().is_empty() {
+                "{}"
+            } else {
+                call.arguments.as_str()
+            };
+            let arguments = match serde_json::from_str::<Value>(raw) {
+                Ok(v @ Value::Object(_)) => Some(v),
+                _ => None,
+            };
+            if arguments.is_none() {
+                call.arguments = "{}".to_string();
+            }
+            ParsedCall {
+                stored: call,
+                arguments,
+            }
+        })
+        .collect()
+}
+
+async fn call_with_retries(
+    model: &dyn ChatModel,
+    history: &[ChatMessage],
+    specs: &[crate::llm::ToolSpec],
+    config: &TurnConfig,
+    events: &mpsc::Sender<AgentEvent>,
+) -> Result<ChatResponse, LlmError> {
+    let mut delays = config.llm_retry_delays.iter();
+    loop {
+        let started = Instant::now();
+        match model.complete(history, specs).await {
+            Ok(r) => {
+                emit(
+                    events,
+                    AgentEvent::LlmCall {
+                        usage: r.usage,
+                        finish_reason: r.finish_reason.clone(),
+                        latency_ms: started.elapsed().as_millis() as u64,
+                    },
+                )
+                .await;
+                return Ok(r);
+            }
+            Err(e) if e.is_retryable() => match delays.next() {
+                Some(delay) => {
+                    emit(
+                        events,
+                        AgentEvent::ToolLog {
+                            tool: "system".into(),
+                            log: format!("{e}; retrying in {}s", delay.as_secs_f32()),
+                        },
+                    )
+                    .await;
+                    tokio::time::sleep(*delay).await;
+                }
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::{ToolSpec, Usage};
+    use crate::tools::Tool;
+    use async_trait::async_trait;
+    use serde_json::json;
+    use std::collections::VecDeque;
+    use std::sync::{Arc, Mutex};
+
+    /// Replays canned responses and keeps every request it saw.
+    struct Script {
+        replies: Mutex<VecDeque<Result<ChatResponse, LlmError>>>,
+        seen: Mutex<Vec<Vec<ChatMessage>>>,
+    }
+
+    impl Script {
+        fn new(replies: Vec<Result<ChatResponse, LlmError>>) -> Self {
+            Script {
+                replies: Mutex::new(replies.into()),
+                seen: Mutex::new(vec![]),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl ChatModel for Script {
+        async fn complete(
+            &self,
+            messages: &[ChatMessage],
+            _tools: &[ToolSpec],
+        ) -> Result<ChatResponse, LlmError> {
+            self.seen.lock().unwrap().push(messages.to_vec());
+            self.replies
+                .lock()
+                .unwrap()
+                .pop_front()
+                .expect("the script has a reply for every call")
+        }
+    }
+
+    struct Echo {
+        delay_ms: u64,
+    }
+
+    #[async_trait]
+    impl Tool for Echo {
+        fn spec(&self) -> ToolSpec {
+            ToolSpec {
+                name: "echo".into(),
+                description: "echo".into(),
+                parameters: json!({"type": "object"}),
+            }
+        }
+        async fn call(&self, arguments: Value) -> Result<ToolOutput, ToolFailure> {
+            tokio::time::sleep(Duration::from_millis(self.delay_ms)).await;
+            Ok(ToolOutput::ok(
+                arguments["text"].as_str().unwrap_or("").to_string(),
+            ))
+        }
+    }
+
+    struct Broken;
+
+    #[async_trait]
+    impl Tool for Broken {
+        fn spec(&self) -> ToolSpec {
+            ToolSpec {
+                name: "broken".into(),
+                description: "".into(),
+                parameters: json!({"type": "object"}),
+            }
+        }
+        async fn call(&self, _: Value) -> Result<ToolOutput, ToolFailure> {
+            Err(ToolFailure {
+                reason: "SandboxFailed".into(),
+                message: "pod cannot start".into(),
+            })
+        }
+    }
+
+    fn calls(list: &[(&str, &str, &str)]) -> ChatResponse {
+        ChatResponse {
+            tool_calls: list
+                .iter()
+                .map(|(id, name, args)| ToolCall {
+                    id: id.to_string(),
+                    name: name.to_string(),
+                    arguments: args.to_string(),
+                })
+                .collect(),
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 2,
+            },
+            ..Default::default()
+        }
+    }
+
+    fn answer(text: &str) -> ChatResponse {
+        ChatResponse {
+            content: Some(text.into()),
+            ..Default::default()
+        }
+    }
+
+    fn router() -> ToolRouter {
+        let mut r = ToolRouter::new();
+        r.register(Arc::new(Echo { delay_ms: 0 }));
+        r
+    }
+
+    async fn run(
+        model: &Script,
+        tools: &ToolRouter,
+        config: TurnConfig,
+    ) -> (TurnOutcome, Vec<ChatMessage>, Vec<AgentEvent>) {
+        let (tx, mut rx) = mpsc::channel(1000);
+        let mut history = vec![ChatMessage::system("s"), ChatMessage::user("task")];
+        let outcome = run_turn(
+            model,
+            tools,
+            &mut history,
+            &config,
+            &tx,
+            &CancellationToken::new(),
+        )
+        .await;
+        drop(tx);
+        let mut events = vec![];
+        while let Some(e) = rx.recv().await {
+            events.push(e);
+        }
+        (outcome, history, events)
+    }
+
+    #[tokio::test]
+    async fn parallel_tool_results_come_back_in_call_order() {
+        let mut tools = ToolRouter::new();
+        tools.register(Arc::new(Echo { delay_ms: 50 }));
+        let model = Script::new(vec![
+            Ok(calls(&[
+                ("a", "echo", r#"{"text":"first"}"#),
+                ("b", "echo", r#"{"text":"second"}"#),
+            ])),
+            Ok(answer("done")),
+        ]);
+        let (outcome, history, events) = run(&model, &tools, TurnConfig::default()).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Completed {
+                final_response: "done".into()
+            }
+        );
+        let tool_msgs: Vec<_> = history
+            .iter()
+            .filter_map(|m| match m {
+                ChatMessage::Tool {
+                    tool_call_id,
+                    content,
+                    ..
+                } => Some((tool_call_id.as_str(), content.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(tool_msgs, vec![("a", "first"), ("b", "second")]);
+        // The second request carried both results.
+        assert_eq!(model.seen.lock().unwrap()[1].len(), 5);
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| match e {
+                AgentEvent::Processing => "processing",
+                AgentEvent::LlmCall { .. } => "llm_call",
+                AgentEvent::AssistantMessage { .. } => "assistant_message",
+                AgentEvent::ToolCall { .. } => "tool_call",
+                AgentEvent::ToolOutput { .. } => "tool_output",
+                AgentEvent::ToolLog { .. } => "tool_log",
+                AgentEvent::TurnComplete { .. } => "turn_complete",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                "processing",
+                "llm_call",
+                "tool_call",
+                "tool_call",
+                "tool_output",
+                "tool_output",
+                "llm_call",
+                "assistant_message",
+                "turn_complete"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_arguments_are_answered_and_not_executed() {
+        let model = Script::new(vec![
+            Ok(calls(&[("a", "echo", r#"{"text": "unterminated"#)])),
+            Ok(answer("ok")),
+        ]);
+        let (_, history, events) = run(&model, &router(), TurnConfig::default()).await;
+        match &history[2] {
+            ChatMessage::Assistant { tool_calls, .. } => assert_eq!(tool_calls[0].arguments, "{}"),
+            other => panic!("expected the assistant call, got {other:?}"),
+        }
+        match &history[3] {
+            ChatMessage::Tool { content, .. } => {
+                assert!(content.contains("malformed JSON arguments and was NOT executed"))
+            }
+            other => panic!("expected a tool result, got {other:?}"),
+        }
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, AgentEvent::ToolOutput { success: false, .. }))
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_tools_are_answered_with_the_available_ones() {
+        let model = Script::new(vec![Ok(calls(&[("a", "nope", "{}")])), Ok(answer("ok"))]);
+        let (_, history, _) = run(&model, &router(), TurnConfig::default()).await;
+        match &history[3] {
+            ChatMessage::Tool { content, .. } => {
+                assert!(content.contains("unknown tool 'nope'") && content.contains("echo"))
+            }
+            other => panic!("expected a tool result, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn stops_at_max_iterations() {
+        let model = Script::new(vec![
+            Ok(calls(&[("a", "echo", "{}")])),
+            Ok(calls(&[("b", "echo", "{}")])),
+        ]);
+        let config = TurnConfig {
+            max_iterations: 2,
+            ..TurnConfig::default()
+        };
+        let (outcome, _, _) = run(&model, &router(), config).await;
+        assert_eq!(outcome, TurnOutcome::MaxIterationsReached { iterations: 2 });
+    }
+
+    #[tokio::test]
+    async fn retryable_model_errors_are_retried_then_fatal() {
+        let unreachable = || LlmError::Unreachable {
+            url: "u".into(),
+            detail: "refused".into(),
+        };
+        let config = TurnConfig {
+            max_iterations: 5,
+            llm_retry_delays: vec![Duration::from_millis(1)],
+        };
+        let model = Script::new(vec![Err(unreachable()), Ok(answer("recovered"))]);
+        let (outcome, _, events) = run(&model, &router(), config.clone()).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Completed {
+                final_response: "recovered".into()
+            }
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, AgentEvent::ToolLog { log, .. } if log.contains("retrying")))
+        );
+
+        let model = Script::new(vec![Err(unreachable()), Err(unreachable())]);
+        let (outcome, _, _) = run(&model, &router(), config.clone()).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Failed(TurnFailure::Llm(unreachable()))
+        );
+
+        let auth = LlmError::Http {
+            url: "u".into(),
+            status: 401,
+            message: "bad key".into(),
+        };
+        let model = Script::new(vec![Err(auth.clone())]);
+        let (outcome, _, _) = run(&model, &router(), config).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Failed(TurnFailure::Llm(auth)),
+            "401 is not retried"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_tool_environment_ends_the_turn() {
+        let mut tools = ToolRouter::new();
+        tools.register(Arc::new(Broken));
+        let model = Script::new(vec![Ok(calls(&[("a", "broken", "{}")]))]);
+        let (outcome, _, _) = run(&model, &tools, TurnConfig::default()).await;
+        match outcome {
+            TurnOutcome::Failed(TurnFailure::Tool(f)) => assert_eq!(f.reason, "SandboxFailed"),
+            other => panic!("expected a tool failure, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn cancellation_interrupts_a_running_tool() {
+        let mut tools = ToolRouter::new();
+        tools.register(Arc::new(Echo { delay_ms: 60_000 }));
+        let model = Script::new(vec![Ok(calls(&[("a", "echo", "{}")]))]);
+        let (tx, _rx) = mpsc::channel(100);
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c.cancel();
+        });
+        let mut history = vec![ChatMessage::user("task")];
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(5),
+            run_turn(
+                &model,
+                &tools,
+                &mut history,
+                &TurnConfig::default(),
+                &tx,
+                &cancel,
+            ),
+        )
+        .await
+        .expect("cancellation ends the turn promptly");
+        assert_eq!(outcome, TurnOutcome::Cancelled);
+    }
+}

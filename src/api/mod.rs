@@ -1,0 +1,11 @@
+//! Custom resource types of the `ml-intern.io/v1alpha1` API.
+
+pub mod session;
+
+pub use session::{
+    AgentSession, AgentSessionSpec, AgentSessionStatus, LlmSpec, SandboxSpec, SandboxStatus,
+    SecretKeyRef, SessionPhase, TokenUsage,
+};
+
+/// API group of every resource this operator defines.
+pub const GROUP: &str = "ml-intern.io";

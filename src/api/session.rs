@@ -1,0 +1,219 @@
+//! `AgentSession`: one task for the agent, reconciled into an agent loop and a sandbox pod.
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Upper bound on `status.finalResponse`, so a long answer cannot push the object towards
+/// etcd's size limit; the full answer belongs in the transcript.
+pub const FINAL_RESPONSE_MAX_BYTES: usize = 16 * 1024;
+
+/// An autonomous ML-engineer agent working on one task.
+///
+/// The controller runs the agent loop for the session: it sends the prompt to the model,
+/// runs the tools the model calls in a sandbox pod owned by the session, and records the
+/// model's final answer in `status.finalResponse`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "ml-intern.io",
+    version = "v1alpha1",
+    kind = "AgentSession",
+    namespaced,
+    status = "AgentSessionStatus",
+    shortname = "ags",
+    category = "ml-intern",
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase","description":"Where the session is in its lifecycle"}"#,
+    printcolumn = r#"{"name":"Iterations","type":"integer","jsonPath":".status.iterations","description":"Model calls made so far"}"#,
+    printcolumn = r#"{"name":"Model","type":"string","jsonPath":".spec.model","description":"Model the agent talks to"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "An autonomous ML-engineer agent working on one task, with its own sandbox pod."
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSessionSpec {
+    /// The task for the agent, sent as the first user message.
+    #[schemars(length(min = 1))]
+    pub prompt: String,
+
+    /// Model id. `openai/<id>` talks to the OpenAI-compatible endpoint in `llm.baseUrl`
+    /// (default https://api.openai.com/v1) with model `<id>`; any other id, such as
+    /// `moonshotai/Kimi-K2.6:novita`, is sent unchanged to `llm.baseUrl` (default the
+    /// Hugging Face inference router, https://router.huggingface.co/v1).
+    #[schemars(length(min = 1))]
+    pub model: String,
+
+    /// How to reach the model.
+    #[serde(default)]
+    pub llm: LlmSpec,
+
+    /// Most model calls the agent may make before the session fails with
+    /// `MaxIterationsReached`.
+    #[serde(default = "default_max_iterations")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_iterations: u32,
+
+    /// The pod in which the agent's tool calls run.
+    #[serde(default)]
+    pub sandbox: SandboxSpec,
+}
+
+fn default_max_iterations() -> u32 {
+    300
+}
+
+/// Connection to an OpenAI-compatible chat-completions endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmSpec {
+    /// Base URL of the endpoint, up to and including the version segment, e.g.
+    /// `http://vllm.models.svc:8000/v1`. `/chat/completions` is appended to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub base_url: Option<String>,
+
+    /// Secret in the session's namespace holding the API key, sent as
+    /// `Authorization: Bearer <key>`. Without it no key is sent. The key is read by the
+    /// controller only; it never enters the sandbox, the status or the events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret_ref: Option<SecretKeyRef>,
+
+    /// Upper bound on tokens the model may generate per call (`max_tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens: Option<u32>,
+
+    /// Sampling temperature; the endpoint's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 2.0))]
+    pub temperature: Option<f64>,
+}
+
+/// A key of a Secret in the session's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key within the Secret's data.
+    #[serde(default = "default_api_key_key")]
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+fn default_api_key_key() -> String {
+    "api-key".to_string()
+}
+
+/// The sandbox pod: created on the agent's first tool call, owned by the session, deleted
+/// when the session ends.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxSpec {
+    /// Container image; the controller's `--sandbox-image` when unset. It needs `/bin/sh`
+    /// and must run as a non-root user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Image pull policy (`Always`, `IfNotPresent` or `Never`); Kubernetes' default when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = "^(Always|IfNotPresent|Never)$"))]
+    pub image_pull_policy: Option<String>,
+
+    /// CPU, memory and accelerator requests and limits of the sandbox container; the
+    /// controller's defaults when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// Environment variables of the sandbox container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+}
+
+/// Where a session is in its lifecycle.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SessionPhase {
+    /// Accepted but not running yet: waiting for a Secret or for a free session slot.
+    Pending,
+    /// The agent loop is running.
+    Running,
+    /// The model gave its final answer.
+    Succeeded,
+    /// The session ended without an answer; `message` and the `Failed` condition say why.
+    Failed,
+}
+
+impl SessionPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SessionPhase::Succeeded | SessionPhase::Failed)
+    }
+}
+
+/// What the controller observed of the session.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSessionStatus {
+    /// Pending, Running, Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<SessionPhase>,
+
+    /// Detailed state: `Accepted`, `SandboxReady`, `Running`, `Complete` and `Failed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Model calls made so far.
+    #[serde(default)]
+    pub iterations: u32,
+
+    /// Tool calls the model made so far.
+    #[serde(default)]
+    pub tool_calls: u32,
+
+    /// The model's final answer, cut to 16 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_response: Option<String>,
+
+    /// The sandbox pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxStatus>,
+
+    /// Tokens reported by the model endpoint, summed over the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<TokenUsage>,
+
+    /// When the agent loop started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+
+    /// When the session reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+
+    /// A human-readable summary of the current state; on failure, what to fix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The session's sandbox pod.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxStatus {
+    /// Name of the pod in the session's namespace.
+    pub pod_name: String,
+}
+
+/// Token counts as the model endpoint reported them.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenUsage {
+    /// Prompt (input) tokens.
+    pub prompt_tokens: u64,
+    /// Completion (output) tokens.
+    pub completion_tokens: u64,
+}

@@ -1,0 +1,111 @@
+//! What every reconcile and session runner shares.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Client;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Metrics;
+use crate::text::truncate_chars;
+
+/// Controller-wide settings, from the command line.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Watch only this namespace; all namespaces when None.
+    pub namespace: Option<String>,
+    /// Agent loops allowed to run at once; the rest wait in Pending.
+    pub max_concurrent_sessions: usize,
+    /// Sandbox image for sessions that name none.
+    pub default_sandbox_image: String,
+    /// How long a sandbox pod may take to start.
+    pub sandbox_startup_timeout: Duration,
+    /// Timeout of one model call.
+    pub llm_timeout: Duration,
+    /// Waits between retries of a failing model call.
+    pub llm_retry_delays: Vec<Duration>,
+    /// How often a session waiting for a Secret looks again.
+    pub pending_recheck: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig {
+            namespace: None,
+            max_concurrent_sessions: 16,
+            default_sandbox_image: "python:3.12-slim".into(),
+            sandbox_startup_timeout: Duration::from_secs(300),
+            llm_timeout: Duration::from_secs(600),
+            llm_retry_delays: vec![Duration::from_secs(5), Duration::from_secs(15)],
+            pending_recheck: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A session this process has taken on, by uid.
+pub enum SessionEntry {
+    /// Its loop runs (or waits for a slot) in this task.
+    Active {
+        cancel: CancellationToken,
+        task: JoinHandle<()>,
+    },
+    /// Its loop ended here; kept so a stale cached object still showing Running is not
+    /// mistaken for a session orphaned by a controller restart.
+    Finished,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub config: ControllerConfig,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+    pub sessions: Mutex<HashMap<String, SessionEntry>>,
+    pub slots: Arc<Semaphore>,
+}
+
+impl Context {
+    pub fn new(client: Client, config: ControllerConfig) -> Self {
+        let reporter = Reporter {
+            controller: "ml-intern-controller".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            slots: Arc::new(Semaphore::new(config.max_concurrent_sessions.max(1))),
+            client,
+            config,
+            metrics: Arc::new(Metrics::default()),
+            ready: Arc::new(AtomicBool::new(false)),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a Kubernetes Event on `object`. Events are best effort: a failure is logged,
+    /// never passed on.
+    pub async fn publish(
+        &self,
+        object: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: impl AsRef<str>,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            // events.k8s.io caps the note at 1 kB.
+            note: Some(truncate_chars(note.as_ref(), 900)),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, object).await {
+            tracing::warn!(error = %e, reason, "could not record event");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! Reconcile: decide, for one AgentSession, whether to start its loop, wait, or clean up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
+use kube::{Resource, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+use super::context::{Context, SessionEntry};
+use super::credentials::{CredentialError, resolve_api_key};
+use super::session_runner::run_session;
+use super::status::{StatusWriter, condition};
+use super::{Error, FINALIZER};
+use crate::api::{AgentSession, SessionPhase};
+use crate::runtime::{SandboxPod, sandbox_pod_name};
+
+pub async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = session
+        .namespace()
+        .ok_or(Error::MissingField("namespace"))?;
+    let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, session, |event| async {
+        match event {
+            FinalizerEvent::Apply(s) => apply(s, ctx.clone()).await,
+            FinalizerEvent::Cleanup(s) => cleanup(s, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(session: Arc<AgentSession>, error: &Error, ctx: Arc<Context>) -> Action {
+    tracing::warn!(session = %session.name_any(), %error, "reconcile failed");
+    ctx.metrics.reconcile_errors.inc();
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let uid = session.uid().ok_or(Error::MissingField("metadata.uid"))?;
+    let namespace = session
+        .namespace()
+        .ok_or(Error::MissingField("namespace"))?;
+    if ctx
+        .sessions
+        .lock()
+        .map(|s| s.contains_key(&uid))
+        .unwrap_or(false)
+    {
+        return Ok(Action::await_change());
+    }
+    let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let phase = session.status.as_ref().and_then(|s| s.phase);
+    match phase {
+        Some(p) if p.is_terminal() => {
+            // The runner deletes the sandbox when it ends; this catches a crash in between.
+            SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
+            return Ok(Action::await_change());
+        }
+        Some(SessionPhase::Running) => {
+            fail_orphaned(&session, &ctx, api, &pods).await?;
+            return Ok(Action::await_change());
+        }
+        _ => {}
+    }
+
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let api_key = match resolve_api_key(
+        &secrets,
+        &namespace,
+        session.spec.llm.api_key_secret_ref.as_ref(),
+    )
+    .await
+    {
+        Ok(key) => key,
+        Err(CredentialError::Api { source, .. }) => return Err(Error::Kube(source)),
+        Err(e) => {
+            wait_for_credentials(&session, &ctx, api, &e).await?;
+            return Ok(Action::requeue(ctx.config.pending_recheck));
+        }
+    };
+
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(run_session(
+        ctx.clone(),
+        session.clone(),
+        api_key,
+        cancel.clone(),
+    ));
+    if let Ok(mut sessions) = ctx.sessions.lock() {
+        sessions.insert(uid, SessionEntry::Active { cancel, task });
+    }
+    Ok(Action::await_change())
+}
+
+/// A missing or unusable Secret keeps the session Pending (the user may be about to
+/// create it, as with a pod's env Secret) and says exactly what to fix.
+async fn wait_for_credentials(
+    session: &AgentSession,
+    ctx: &Context,
+    api: Api<AgentSession>,
+    error: &CredentialError,
+) -> Result<(), Error> {
+    let mut status = StatusWriter::new(api, session);
+    let message = error.to_string();
+    let unchanged = status
+        .condition(condition::ACCEPTED)
+        .is_some_and(|c| c.status == "False" && c.reason == error.reason() && c.message == message);
+    if unchanged {
+        return Ok(());
+    }
+    status.set_phase(SessionPhase::Pending, &message);
+    status.set_condition(condition::ACCEPTED, false, error.reason(), &message);
+    status.apply().await?;
+    ctx.publish(
+        &session.object_ref(&()),
+        EventType::Warning,
+        error.reason(),
+        &message,
+    )
+    .await;
+    Ok(())
+}
+
+/// A session left Running by an earlier controller process: its loop is gone and this
+/// version cannot resume it, so it fails visibly instead of silently re-running tools.
+async fn fail_orphaned(
+    session: &AgentSession,
+    ctx: &Context,
+    api: Api<AgentSession>,
+    pods: &Api<Pod>,
+) -> Result<(), Error> {
+    SandboxPod::delete(pods, &sandbox_pod_name(&session.name_any())).await?;
+    let message = "the controller restarted while this session was running and cannot resume it; \
+                   re-create the session to run the task again";
+    let mut status = StatusWriter::new(api, session);
+    status.set_phase(SessionPhase::Failed, message);
+    status.set_condition(condition::RUNNING, false, "ControllerRestarted", message);
+    status.set_condition(condition::FAILED, true, "ControllerRestarted", message);
+    status.apply().await?;
+    ctx.publish(
+        &session.object_ref(&()),
+        EventType::Warning,
+        "ControllerRestarted",
+        message,
+    )
+    .await;
+    Ok(())
+}
+
+/// Deletion: stop the loop, remove the sandbox, forget the session.
+async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let uid = session.uid().unwrap_or_default();
+    let entry = ctx.sessions.lock().ok().and_then(|mut s| s.remove(&uid));
+    if let Some(SessionEntry::Active { cancel, task }) = entry {
+        cancel.cancel();
+        if tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(session = %session.name_any(), "agent loop did not stop within 30s");
+        }
+    }
+    let namespace = session
+        .namespace()
+        .ok_or(Error::MissingField("namespace"))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
+    tracing::info!(session = %session.name_any(), "session deleted; loop stopped and sandbox removed");
+    Ok(Action::await_change())
+}

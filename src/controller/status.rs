@@ -1,0 +1,105 @@
+//! The session's status, kept in memory by its one writer and applied whole with
+//! server-side apply, so fields the controller stopped setting disappear.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use super::FIELD_MANAGER;
+use crate::api::{AgentSession, AgentSessionStatus, SessionPhase};
+use crate::text::truncate_chars;
+
+/// Condition types a session reports.
+pub mod condition {
+    /// The spec and what it refers to (the API key Secret) are usable.
+    pub const ACCEPTED: &str = "Accepted";
+    /// The sandbox pod runs and takes commands.
+    pub const SANDBOX_READY: &str = "SandboxReady";
+    /// The agent loop is running.
+    pub const RUNNING: &str = "Running";
+    /// The session succeeded: the model answered.
+    pub const COMPLETE: &str = "Complete";
+    /// The session failed; the reason and message say why and what to fix.
+    pub const FAILED: &str = "Failed";
+}
+
+const MESSAGE_MAX_CHARS: usize = 1024;
+
+pub struct StatusWriter {
+    api: Api<AgentSession>,
+    name: String,
+    generation: Option<i64>,
+    pub status: AgentSessionStatus,
+}
+
+impl StatusWriter {
+    pub fn new(api: Api<AgentSession>, session: &AgentSession) -> Self {
+        StatusWriter {
+            api,
+            name: session.metadata.name.clone().unwrap_or_default(),
+            generation: session.metadata.generation,
+            status: session.status.clone().unwrap_or_default(),
+        }
+    }
+
+    pub fn set_phase(&mut self, phase: SessionPhase, message: impl AsRef<str>) {
+        self.status.phase = Some(phase);
+        self.status.message = Some(truncate_chars(message.as_ref(), MESSAGE_MAX_CHARS));
+        if phase.is_terminal() && self.status.completed_at.is_none() {
+            self.status.completed_at = Some(Time(Timestamp::now()));
+        }
+    }
+
+    /// Sets a condition; its transition time changes only when its status does.
+    pub fn set_condition(&mut self, type_: &str, status: bool, reason: &str, message: &str) {
+        let status_text = if status { "True" } else { "False" };
+        let message = truncate_chars(message, MESSAGE_MAX_CHARS);
+        let conditions = &mut self.status.conditions;
+        let previous = conditions.iter().position(|c| c.type_ == type_);
+        let last_transition_time = match previous {
+            Some(i) if conditions[i].status == status_text => {
+                conditions[i].last_transition_time.clone()
+            }
+            _ => Time(Timestamp::now()),
+        };
+        let condition = Condition {
+            type_: type_.into(),
+            status: status_text.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: self.generation,
+            last_transition_time,
+        };
+        match previous {
+            Some(i) => conditions[i] = condition,
+            None => conditions.push(condition),
+        }
+    }
+
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    pub async fn apply(&mut self) -> Result<(), kube::Error> {
+        self.status.observed_generation = self.generation;
+        let patch = json!({
+            "apiVersion": "ml-intern.io/v1alpha1",
+            "kind": "AgentSession",
+            "status": self.status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        self.api
+            .patch_status(&self.name, &params, &Patch::Apply(&patch))
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies the status, logging instead of failing: the session's work must not stop
+    /// because one status write did not go through.
+    pub async fn apply_or_log(&mut self) {
+        if let Err(e) = self.apply().await {
+            tracing::warn!(session = %self.name, error = %e, "could not write status");
+        }
+    }
+}

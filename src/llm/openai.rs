@@ -1,0 +1,358 @@
+//! Client for OpenAI-compatible `/chat/completions` (OpenAI, the Hugging Face router, vLLM,
+//! TGI, Ollama, llama.cpp). Response types are lenient: servers differ in which fields they
+//! fill, and a missing optional field must never fail a session.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ChatModel, ChatResponse, LlmError, ToolSpec, Usage};
+use crate::agent::{ChatMessage, ToolCall};
+use crate::http::http_client;
+
+/// Longest error body kept in a message; provider errors can be whole HTML pages.
+const ERROR_MESSAGE_MAX_CHARS: usize = 500;
+
+#[derive(Clone)]
+pub struct OpenAiClient {
+    http: reqwest::Client,
+    url: String,
+    api_key: Option<String>,
+    model: String,
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+}
+
+impl std::fmt::Debug for OpenAiClient {
+    // The API key stays out of every debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAiClient")
+            .field("url", &self.url)
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenAiClient {
+    pub fn new(
+        base_url: &str,
+        model: impl Into<String>,
+        api_key: Option<String>,
+        timeout: Duration,
+    ) -> Self {
+        OpenAiClient {
+            http: http_client(timeout),
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+            model: model.into(),
+            max_tokens: None,
+            temperature: None,
+        }
+    }
+
+    pub fn with_sampling(mut self, max_tokens: Option<u32>, temperature: Option<f64>) -> Self {
+        self.max_tokens = max_tokens;
+        self.temperature = temperature;
+        self
+    }
+
+    pub fn request_body(&self, messages: &[ChatMessage], tools: &[ToolSpec]) -> Value {
+        let mut body = json!({
+            "model": self.model,
+            "messages": messages.iter().map(wire_message).collect::<Vec<_>>(),
+            "stream": false,
+        });
+        // Tools are left out entirely when there are none: some servers still show an
+        // empty tool list to the model and it then invents calls.
+        if !tools.is_empty() {
+            body["tools"] = tools
+                .iter()
+                .map(|t| {
+                    json!({"type": "function", "function": {
+                        "name": t.name, "description": t.description, "parameters": t.parameters}})
+                })
+                .collect();
+            body["tool_choice"] = json!("auto");
+        }
+        if let Some(n) = self.max_tokens {
+            body["max_tokens"] = json!(n);
+        }
+        if let Some(t) = self.temperature {
+            body["temperature"] = json!(t);
+        }
+        body
+    }
+}
+
+fn wire_message(m: &ChatMessage) -> Value {
+    match m {
+        ChatMessage::System { content } => json!({"role": "system", "content": content}),
+        ChatMessage::User { content } => json!({"role": "user", "content": content}),
+        ChatMessage::Assistant {
+            content,
+            tool_calls,
+        } => {
+            let mut v = json!({"role": "assistant", "content": content});
+            if !tool_calls.is_empty() {
+                v["tool_calls"] = tool_calls
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments}})
+                    })
+                    .collect();
+            }
+            v
+        }
+        ChatMessage::Tool {
+            tool_call_id,
+            content,
+            ..
+        } => json!({"role": "tool", "tool_call_id": tool_call_id, "content": content}),
+    }
+}
+
+#[derive(Deserialize)]
+struct WireResponse {
+    #[serde(default)]
+    choices: Vec<WireChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Deserialize)]
+struct WireChoice {
+    #[serde(default)]
+    message: WireMessage,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct WireMessage {
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    tool_calls: Option<Vec<WireToolCall>>,
+}
+
+#[derive(Deserialize)]
+struct WireToolCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    #[serde(default)]
+    name: String,
+    /// A JSON string per the spec; some servers send the object itself.
+    #[serde(default)]
+    arguments: Value,
+}
+
+#[derive(Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+}
+
+/// Turns a chat-completions response body into the agent's response type.
+pub fn parse_response(body: &[u8]) -> Result<ChatResponse, String> {
+    let wire: WireResponse = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let choice = wire
+        .choices
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no choices in the response".to_string())?;
+    let tool_calls = choice
+        .message
+        .tool_calls
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ToolCall {
+            // Servers that omit ids still need one per call to pair results with calls.
+            id: c
+                .id
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| format!("call_{i}")),
+            name: c.function.name,
+            arguments: match c.function.arguments {
+                Value::String(s) => s,
+                Value::Null => "{}".to_string(),
+                other => other.to_string(),
+            },
+        })
+        .collect();
+    Ok(ChatResponse {
+        content: choice.message.content.filter(|c| !c.is_empty()),
+        tool_calls,
+        finish_reason: choice.finish_reason,
+        usage: wire
+            .usage
+            .map(|u| Usage {
+                prompt_tokens: u.prompt_tokens,
+                completion_tokens: u.completion_tokens,
+            })
+            .unwrap_or_default(),
+    })
+}
+
+/// The human part of an error body: `{"error":{"message":…}}`, `{"error":"…"}`,
+/// `{"message":…}`, or the text itself, cut short.
+pub fn error_message(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let from_json = serde_json::from_str::<Value>(&text).ok().and_then(|v| {
+        let e = v.get("error").unwrap_or(&v);
+        e.get("message")
+            .and_then(Value::as_str)
+            .or_else(|| e.as_str())
+            .map(str::to_string)
+    });
+    let msg = from_json.unwrap_or_else(|| text.trim().to_string());
+    let msg = if msg.is_empty() {
+        "(empty body)".to_string()
+    } else {
+        msg
+    };
+    crate::text::truncate_chars(&msg, ERROR_MESSAGE_MAX_CHARS)
+}
+
+#[async_trait]
+impl ChatModel for OpenAiClient {
+    async fn complete(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[ToolSpec],
+    ) -> Result<ChatResponse, LlmError> {
+        let body = self.request_body(messages, tools);
+        let mut req = self.http.post(&self.url).json(&body);
+        if let Some(key) = &self.api_key {
+            req = req.bearer_auth(key);
+        }
+        let started = Instant::now();
+        let resp = req.send().await.map_err(|e| LlmError::Unreachable {
+            url: self.url.clone(),
+            detail: crate::http::describe_error(&e),
+        })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| LlmError::Unreachable {
+            url: self.url.clone(),
+            detail: crate::http::describe_error(&e),
+        })?;
+        if !status.is_success() {
+            return Err(LlmError::Http {
+                url: self.url.clone(),
+                status: status.as_u16(),
+                message: error_message(&bytes),
+            });
+        }
+        tracing::debug!(
+            latency_ms = started.elapsed().as_millis() as u64,
+            "model call"
+        );
+        parse_response(&bytes).map_err(|detail| LlmError::InvalidResponse {
+            url: self.url.clone(),
+            detail,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_llama_cpp_tool_call_response() {
+        let body = br#"{"choices":[{"finish_reason":"tool_calls","index":0,"message":{"role":"assistant","content":"",
+          "tool_calls":[{"type":"function","function":{"name":"get_weather","arguments":"{\"city\": \"Paris\"}"},
+                         "id":"2LKJrc1sZXo4RurZjDoukNg9UQUydFxP"}]}}],
+          "usage":{"completion_tokens":17,"prompt_tokens":124,"total_tokens":141},"timings":{}}"#;
+        let r = parse_response(body).expect("parses");
+        assert_eq!(r.content, None, "empty content counts as none");
+        assert_eq!(r.tool_calls.len(), 1);
+        assert_eq!(r.tool_calls[0].name, "get_weather");
+        assert_eq!(r.tool_calls[0].arguments, r#"{"city": "Paris"}"#);
+        assert_eq!(r.tool_calls[0].id, "2LKJrc1sZXo4RurZjDoukNg9UQUydFxP");
+        assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(r.usage.prompt_tokens, 124);
+        assert_eq!(r.usage.completion_tokens, 17);
+    }
+
+    #[test]
+    fn accepts_object_arguments_missing_ids_and_missing_usage() {
+        let body = br#"{"choices":[{"message":{"content":null,"tool_calls":[
+            {"function":{"name":"bash","arguments":{"command":"ls"}}}]}}]}"#;
+        let r = parse_response(body).expect("parses");
+        assert_eq!(r.tool_calls[0].id, "call_0");
+        assert_eq!(r.tool_calls[0].arguments, r#"{"command":"ls"}"#);
+        assert_eq!(r.usage, Usage::default());
+    }
+
+    #[test]
+    fn a_body_without_choices_is_an_error() {
+        assert!(parse_response(br#"{"object":"chat.completion"}"#).is_err());
+        assert!(parse_response(b"<html>oops</html>").is_err());
+    }
+
+    #[test]
+    fn error_messages_come_from_every_common_shape() {
+        assert_eq!(
+            error_message(br#"{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}"#),
+            "Invalid API Key"
+        );
+        assert_eq!(
+            error_message(br#"{"error":"model not found"}"#),
+            "model not found"
+        );
+        assert_eq!(error_message(b"Bad Gateway"), "Bad Gateway");
+        assert_eq!(error_message(b""), "(empty body)");
+        assert!(error_message("x".repeat(5000).as_bytes()).chars().count() <= 520);
+    }
+
+    #[test]
+    fn request_carries_tools_and_tool_history_in_wire_shape() {
+        let c = OpenAiClient::new("http://x/v1/", "m", None, Duration::from_secs(1))
+            .with_sampling(Some(64), Some(0.0));
+        let history = vec![
+            ChatMessage::user("hi"),
+            ChatMessage::Assistant {
+                content: None,
+                tool_calls: vec![ToolCall {
+                    id: "c1".into(),
+                    name: "bash".into(),
+                    arguments: r#"{"command":"ls"}"#.into(),
+                }],
+            },
+            ChatMessage::Tool {
+                tool_call_id: "c1".into(),
+                name: "bash".into(),
+                content: "a.txt".into(),
+            },
+        ];
+        let tools = [ToolSpec {
+            name: "bash".into(),
+            description: "d".into(),
+            parameters: json!({"type": "object"}),
+        }];
+        let body = c.request_body(&history, &tools);
+        assert_eq!(c.url, "http://x/v1/chat/completions");
+        assert_eq!(body["model"], "m");
+        assert_eq!(body["max_tokens"], 64);
+        assert_eq!(body["tools"][0]["function"]["name"], "bash");
+        assert_eq!(
+            body["messages"][1]["tool_calls"][0]["function"]["arguments"],
+            r#"{"command":"ls"}"#
+        );
+        assert_eq!(body["messages"][2]["role"], "tool");
+        assert_eq!(body["messages"][2]["tool_call_id"], "c1");
+        let no_tools = c.request_body(&history, &[]);
+        assert!(no_tools.get("tools").is_none() && no_tools.get("tool_choice").is_none());
+    }
+}

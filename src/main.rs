@@ -1,0 +1,119 @@
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use ml_intern::controller::{self, ControllerConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "ml-intern",
+    version,
+    about = "Autonomous ML-engineer agents on Kubernetes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the AgentSession controller against the cluster in KUBECONFIG or in-cluster.
+    Controller(ControllerArgs),
+    /// Write the CRD manifests into a directory.
+    Crdgen {
+        /// Directory to write to.
+        #[arg(long, default_value = "crds")]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// Watch only this namespace (all namespaces when unset).
+    #[arg(long, env = "ML_INTERN_NAMESPACE")]
+    namespace: Option<String>,
+    /// Agent loops that may run at once; further sessions wait in Pending.
+    #[arg(long, default_value_t = 16)]
+    max_concurrent_sessions: usize,
+    /// Sandbox image for sessions whose spec.sandbox.image is unset.
+    #[arg(long, default_value = "python:3.12-slim")]
+    sandbox_image: String,
+    /// Seconds a sandbox pod may take to start before the session fails.
+    #[arg(long, default_value_t = 300)]
+    sandbox_startup_timeout: u64,
+    /// Seconds one model call may take.
+    #[arg(long, default_value_t = 600)]
+    llm_timeout: u64,
+    /// Seconds to wait before each retry of a failing model call, comma separated; their
+    /// count is the number of retries.
+    #[arg(long, default_value = "5,15", value_delimiter = ',')]
+    llm_retry_delays: Vec<f64>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Controller(args) => run_controller(args).await,
+        Command::Crdgen { out_dir } => crdgen(&out_dir),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn crdgen(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(out_dir)?;
+    for (file, yaml) in ml_intern::crdgen::crd_manifests()? {
+        let path = out_dir.join(file);
+        std::fs::write(&path, yaml)?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,kube_runtime=warn,kube_client=warn"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+    ml_intern::http::install_crypto_provider();
+    let mut delays = vec![];
+    for d in &args.llm_retry_delays {
+        if !d.is_finite() || *d < 0.0 {
+            return Err(format!("--llm-retry-delays: {d} is not a number of seconds").into());
+        }
+        delays.push(Duration::from_secs_f64(*d));
+    }
+    let config = ControllerConfig {
+        namespace: args.namespace,
+        max_concurrent_sessions: args.max_concurrent_sessions.max(1),
+        default_sandbox_image: args.sandbox_image,
+        sandbox_startup_timeout: Duration::from_secs(args.sandbox_startup_timeout),
+        llm_timeout: Duration::from_secs(args.llm_timeout),
+        llm_retry_delays: delays,
+        ..ControllerConfig::default()
+    };
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot connect to Kubernetes (KUBECONFIG or in-cluster): {e}"))?;
+    controller::run(client, config, args.http_addr).await
+}

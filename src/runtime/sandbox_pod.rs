@@ -1,0 +1,398 @@
+//! A session's sandbox pod: created on first use, waited for until it runs (or its failure
+//! is understood), and driven through the exec API.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, AttachParams, DeleteParams, PostParams};
+use kube::runtime::wait::await_condition;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Mutex, mpsc};
+
+use super::sandbox_template::SANDBOX_CONTAINER;
+use crate::tools::{CommandOutput, CommandRunner, ToolFailure};
+
+/// Most output kept from one command; the bash tool shows the model far less anyway.
+const OUTPUT_CAP_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Runs the command in `$1` with stderr merged into stdout, in bash when the image has it.
+const EXEC_WRAPPER: &str = "exec 2>&1; cd -- \"$1\" || exit 126; \
+     if command -v bash >/dev/null 2>&1; then exec bash -c \"$2\"; else eval \"$2\"; fi";
+
+/// Lifecycle changes the controller records in the session's status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SandboxEvent {
+    Creating { pod_name: String },
+    Ready { pod_name: String },
+}
+
+pub struct SandboxPod {
+    pods: Api<Pod>,
+    template: Pod,
+    name: String,
+    startup_timeout: Duration,
+    ready: Mutex<bool>,
+    lifecycle: mpsc::Sender<SandboxEvent>,
+}
+
+/// Where a pod stands on its way to running commands.
+#[derive(Debug, PartialEq, Eq)]
+enum PodState {
+    Ready,
+    /// Still coming up; the text says what it waits for, if anything is known.
+    Starting(Option<String>),
+    /// It will not come up without a change from the user.
+    Failed(String),
+}
+
+/// Waiting reasons that do not resolve by themselves.
+const FATAL_WAITING_REASONS: &[&str] = &[
+    "ErrImageNeverPull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "CrashLoopBackOff",
+    "RunContainerError",
+];
+
+fn pod_state(pod: &Pod) -> PodState {
+    let Some(status) = &pod.status else {
+        return PodState::Starting(None);
+    };
+    let phase = status.phase.as_deref().unwrap_or("Pending");
+    if phase == "Failed" || phase == "Succeeded" {
+        let why = status
+            .message
+            .clone()
+            .or_else(|| status.reason.clone())
+            .unwrap_or_default();
+        return PodState::Failed(format!("the sandbox pod stopped (phase {phase}) {why}"));
+    }
+    let image = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.image.clone())
+        .unwrap_or_default();
+    for cs in status.container_statuses.iter().flatten() {
+        if let Some(waiting) = cs.state.as_ref().and_then(|s| s.waiting.as_ref()) {
+            let reason = waiting.reason.as_deref().unwrap_or("");
+            let message = waiting.message.as_deref().unwrap_or("");
+            if FATAL_WAITING_REASONS.contains(&reason) {
+                let hint = match reason {
+                    "ErrImageNeverPull" => format!(
+                        "image {image} is not present on the node and imagePullPolicy is Never: \
+                         load the image on the node or change spec.sandbox.image"
+                    ),
+                    "ImagePullBackOff" | "InvalidImageName" => format!(
+                        "image {image} cannot be pulled: check spec.sandbox.image and the \
+                         registry credentials"
+                    ),
+                    "CrashLoopBackOff" | "RunContainerError" => format!(
+                        "the sandbox container keeps exiting: image {image} needs /bin/sh and \
+                         must run as a non-root user"
+                    ),
+                    _ => format!("the sandbox container cannot be created from image {image}"),
+                };
+                return PodState::Failed(format!("{reason}: {message} ({hint})"));
+            }
+            return PodState::Starting(Some(format!("{reason} {message}").trim().to_string()));
+        }
+    }
+    if let Some(cond) = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        return PodState::Starting(Some(format!(
+            "not scheduled: {}",
+            cond.message.as_deref().unwrap_or("no reason given")
+        )));
+    }
+    let all_ready = status
+        .container_statuses
+        .as_ref()
+        .is_some_and(|cs| !cs.is_empty() && cs.iter().all(|c| c.ready));
+    if phase == "Running" && all_ready {
+        PodState::Ready
+    } else {
+        PodState::Starting(None)
+    }
+}
+
+impl SandboxPod {
+    pub fn new(
+        pods: Api<Pod>,
+        template: Pod,
+        startup_timeout: Duration,
+        lifecycle: mpsc::Sender<SandboxEvent>,
+    ) -> Self {
+        let name = template.metadata.name.clone().unwrap_or_default();
+        SandboxPod {
+            pods,
+            template,
+            name,
+            startup_timeout,
+            ready: Mutex::new(false),
+            lifecycle,
+        }
+    }
+
+    pub fn pod_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Creates the pod unless it exists, then waits until it runs. Parallel callers wait
+    /// for the same pod.
+    async fn ensure_ready(&self) -> Result<(), ToolFailure> {
+        let mut ready = self.ready.lock().await;
+        if *ready {
+            return Ok(());
+        }
+        let fail = |message: String| ToolFailure {
+            reason: "SandboxFailed".into(),
+            message,
+        };
+        let _ = self
+            .lifecycle
+            .send(SandboxEvent::Creating {
+                pod_name: self.name.clone(),
+            })
+            .await;
+        match self
+            .pods
+            .create(&PostParams::default(), &self.template)
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => {
+                return Err(fail(format!(
+                    "cannot create sandbox pod {}: {}",
+                    self.name,
+                    kube_error_text(&e)
+                )));
+            }
+        }
+        let decided =
+            |p: Option<&Pod>| p.is_some_and(|p| !matches!(pod_state(p), PodState::Starting(_)));
+        let waited = tokio::time::timeout(
+            self.startup_timeout,
+            await_condition(self.pods.clone(), &self.name, decided),
+        )
+        .await;
+        match waited {
+            Ok(Ok(Some(pod))) => match pod_state(&pod) {
+                PodState::Ready => {}
+                PodState::Failed(why) => {
+                    return Err(fail(format!(
+                        "sandbox pod {} cannot start: {why}",
+                        self.name
+                    )));
+                }
+                PodState::Starting(_) => {
+                    return Err(fail(format!("sandbox pod {} is still starting", self.name)));
+                }
+            },
+            Ok(Ok(None)) => {
+                return Err(fail(format!(
+                    "sandbox pod {} was deleted while starting",
+                    self.name
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(fail(format!("cannot watch sandbox pod {}: {e}", self.name)));
+            }
+            Err(_) => {
+                let last = match self.pods.get_opt(&self.name).await {
+                    Ok(Some(p)) => match pod_state(&p) {
+                        PodState::Starting(Some(why)) => format!(": {why}"),
+                        _ => String::new(),
+                    },
+                    _ => String::new(),
+                };
+                return Err(fail(format!(
+                    "sandbox pod {} did not start within {}s{last}",
+                    self.name,
+                    self.startup_timeout.as_secs()
+                )));
+            }
+        }
+        *ready = true;
+        let _ = self
+            .lifecycle
+            .send(SandboxEvent::Ready {
+                pod_name: self.name.clone(),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn exec(&self, command: &str, work_dir: &str) -> Result<CommandOutput, kube::Error> {
+        let params = AttachParams::default()
+            .container(SANDBOX_CONTAINER)
+            .stdout(true)
+            .stderr(false);
+        let argv = vec![
+            "/bin/sh".to_string(),
+            "-c".to_string(),
+            EXEC_WRAPPER.to_string(),
+            "sh".to_string(),
+            work_dir.to_string(),
+            command.to_string(),
+        ];
+        let mut process = self.pods.exec(&self.name, argv, &params).await?;
+        let status = process.take_status();
+        let mut buf = Vec::new();
+        if let Some(stdout) = process.stdout() {
+            // An I/O error mid-stream leaves what was read so far, which is still useful.
+            let _ = stdout.take(OUTPUT_CAP_BYTES).read_to_end(&mut buf).await;
+        }
+        let exit_code = match status {
+            Some(s) => s.await.map(|s| exit_code(&s)),
+            None => None,
+        };
+        Ok(CommandOutput {
+            output: String::from_utf8_lossy(&buf).into_owned(),
+            exit_code,
+            timed_out: false,
+        })
+    }
+
+    /// Deletes the pod; an already-missing pod is fine.
+    pub async fn delete(pods: &Api<Pod>, name: &str) -> Result<(), kube::Error> {
+        match pods.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The exit code in the exec API's final status: `Success`, or a failure whose causes
+/// carry `ExitCode`.
+fn exit_code(status: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Status) -> i32 {
+    if status.status.as_deref() == Some("Success") {
+        return 0;
+    }
+    status
+        .details
+        .as_ref()
+        .and_then(|d| d.causes.as_ref())
+        .and_then(|causes| {
+            causes
+                .iter()
+                .find(|c| c.reason.as_deref() == Some("ExitCode"))
+                .and_then(|c| c.message.as_deref())
+                .and_then(|m| m.parse().ok())
+        })
+        .unwrap_or(1)
+}
+
+pub fn kube_error_text(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({})", s.message, s.reason),
+        other => other.to_string(),
+    }
+}
+
+#[async_trait]
+impl CommandRunner for SandboxPod {
+    async fn run(
+        &self,
+        command: &str,
+        work_dir: &str,
+        timeout: Duration,
+    ) -> Result<CommandOutput, ToolFailure> {
+        self.ensure_ready().await?;
+        match tokio::time::timeout(timeout, self.exec(command, work_dir)).await {
+            Ok(Ok(out)) => Ok(out),
+            // The command never reached the pod or the stream broke: the model can retry,
+            // so it is told rather than the session failed.
+            Ok(Err(e)) => Ok(CommandOutput {
+                output: format!(
+                    "could not run the command in sandbox pod {}: {}",
+                    self.name,
+                    kube_error_text(&e)
+                ),
+                exit_code: None,
+                timed_out: false,
+            }),
+            Err(_) => Ok(CommandOutput {
+                output: String::new(),
+                exit_code: None,
+                timed_out: true,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "sandbox", "image": "img:1"}]},
+            "status": status
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_running_ready_pod_is_ready() {
+        let p = pod(json!({"phase": "Running", "containerStatuses": [
+            {"name": "sandbox", "ready": true, "restartCount": 0, "image": "img:1", "imageID": "",
+             "state": {"running": {}}}]}));
+        assert_eq!(pod_state(&p), PodState::Ready);
+    }
+
+    #[test]
+    fn a_missing_image_fails_with_the_image_named() {
+        let p = pod(json!({"phase": "Pending", "containerStatuses": [
+            {"name": "sandbox", "ready": false, "restartCount": 0, "image": "img:1", "imageID": "",
+             "state": {"waiting": {"reason": "ErrImageNeverPull",
+                                   "message": "Container image \"img:1\" is not present with pull policy of Never"}}}]}));
+        match pod_state(&p) {
+            PodState::Failed(m) => {
+                assert!(
+                    m.contains("ErrImageNeverPull")
+                        && m.contains("img:1")
+                        && m.contains("spec.sandbox.image"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unschedulable_pod_is_still_starting_with_the_scheduler_message() {
+        let p = pod(json!({"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."}]}));
+        assert_eq!(
+            pod_state(&p),
+            PodState::Starting(Some(
+                "not scheduled: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu.".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn exit_codes_come_from_the_status_causes() {
+        let ok: k8s_openapi::apimachinery::pkg::apis::meta::v1::Status =
+            serde_json::from_value(json!({"status": "Success"})).unwrap();
+        assert_eq!(exit_code(&ok), 0);
+        let failed =
+            serde_json::from_value(json!({"status": "Failure", "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": "42"}]}}))
+            .unwrap();
+        assert_eq!(exit_code(&failed), 42);
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every check and test on this machine, installing what they need first:
+# a real local Kubernetes, the sandbox image, and a real llama.cpp model server.
+#
+#   tests/run.sh                    format, lint, unit tests, e2e tests on the local cluster
+#   KUBECONFIG=... tests/run.sh     the same against another cluster (it must be able to run
+#                                   the image localhost/ml-intern-sandbox:busybox)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { echo "== $*" >&2; }
+
+if [[ -z ${KUBECONFIG:-} ]]; then
+  say "starting the local cluster"
+  tests/cluster/local-k8s.sh up
+  export KUBECONFIG=$(tests/cluster/local-k8s.sh kubeconfig)
+  if ! ctr --address "$HOME/.cache/local-k8s/run/containerd/containerd.sock" -n k8s.io images ls -q |
+    grep -q 'localhost/ml-intern-sandbox:busybox'; then
+    tests/cluster/local-k8s.sh busybox localhost/ml-intern-sandbox:busybox
+  fi
+fi
+
+say "starting the local model server"
+tests/llm/local-llm.sh start
+export ML_INTERN_E2E_LLM_URL=$(tests/llm/local-llm.sh url)
+
+say "cargo fmt --check"
+cargo fmt --check
+say "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+say "cargo test"
+cargo test --locked -- --test-threads 2

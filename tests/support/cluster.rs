@@ -1,0 +1,448 @@
+//! One namespace and one controller process per test, on the cluster in KUBECONFIG. The
+//! controller runs as its ServiceAccount with the shipped ClusterRole, so every test also
+//! proves the RBAC rules are enough.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, AttachParams, ListParams, PostParams};
+use kube::runtime::wait::await_condition;
+use ml_intern::api::AgentSession;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+
+/// The busybox sandbox image that tests/run.sh loads into the node.
+pub const SANDBOX_IMAGE: &str = "localhost/ml-intern-sandbox:busybox";
+
+#[derive(Default)]
+pub struct E2eOptions {
+    pub controller_args: Vec<String>,
+}
+
+pub struct E2e {
+    pub client: Client,
+    pub namespace: String,
+    /// Base URL of the controller's health and metrics server.
+    pub http: String,
+    controller: Option<Child>,
+    controller_args: Vec<String>,
+    pub log: PathBuf,
+}
+
+struct Setup {
+    controller_kubeconfig: PathBuf,
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl runs")
+}
+
+fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Installs the CRDs and the controller's RBAC, and writes a kubeconfig that authenticates
+/// as the controller's ServiceAccount. Once per test process.
+fn setup() -> &'static Setup {
+    static SETUP: OnceLock<Setup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        assert!(
+            std::env::var_os("KUBECONFIG").is_some(),
+            "the e2e tests need a cluster: run them with tests/run.sh, or export KUBECONFIG \
+             (tests/cluster/local-k8s.sh up starts a local one)"
+        );
+        kubectl_ok(&["apply", "-f", repo().join("crds").to_str().unwrap()]);
+        kubectl_ok(&[
+            "apply",
+            "-f",
+            repo().join("configs/rbac/controller.yaml").to_str().unwrap(),
+        ]);
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=established",
+            "--timeout=60s",
+            "crd/agentsessions.ml-intern.io",
+        ]);
+        // Kubernetes 1.20 creates a token Secret for every ServiceAccount.
+        let mut token = String::new();
+        for _ in 0..120 {
+            let secret = kubectl(&[
+                "-n",
+                "ml-intern-system",
+                "get",
+                "serviceaccount",
+                "ml-intern-controller",
+                "-o",
+                "jsonpath={.secrets[0].name}",
+            ]);
+            let name = String::from_utf8_lossy(&secret.stdout).trim().to_string();
+            if !name.is_empty() {
+                let data = kubectl(&[
+                    "-n",
+                    "ml-intern-system",
+                    "get",
+                    "secret",
+                    &name,
+                    "-o",
+                    "jsonpath={.data.token}",
+                ]);
+                let b64 = String::from_utf8_lossy(&data.stdout).trim().to_string();
+                if !b64.is_empty() {
+                    let decoded = Command::new("base64")
+                        .arg("-d")
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .and_then(|mut c| {
+                            use std::io::Write;
+                            c.stdin.take().unwrap().write_all(b64.as_bytes())?;
+                            c.wait_with_output()
+                        })
+                        .expect("base64 runs");
+                    token = String::from_utf8_lossy(&decoded.stdout).into_owned();
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(!token.is_empty(), "no token for the controller's ServiceAccount");
+        let server = kubectl_ok(&[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ]);
+        let dir = repo().join("target/e2e");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("controller.kubeconfig");
+        let kubeconfig = json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "c", "cluster": {"server": server.trim(), "insecure-skip-tls-verify": true}}],
+            "users": [{"name": "ml-intern-controller", "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "ml-intern-controller"}}],
+            "current-context": "c"
+        });
+        std::fs::write(&path, kubeconfig.to_string()).unwrap();
+        Setup {
+            controller_kubeconfig: path,
+        }
+    })
+}
+
+fn unique_suffix() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{:x}{:x}{}",
+        std::process::id() % 0xfff,
+        nanos % 0xffff,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl E2e {
+    pub async fn start(name: &str) -> Self {
+        Self::start_with(name, E2eOptions::default()).await
+    }
+
+    pub async fn start_with(name: &str, options: E2eOptions) -> Self {
+        setup();
+        ml_intern::http::install_crypto_provider();
+        let client = Client::try_default()
+            .await
+            .expect("a client for KUBECONFIG");
+        let namespace = format!("e2e-{name}-{}", unique_suffix());
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+            )
+            .await
+            .expect("create the test namespace");
+
+        let mut e2e = E2e {
+            client,
+            namespace,
+            http: String::new(),
+            controller: None,
+            controller_args: options.controller_args,
+            log: PathBuf::new(),
+        };
+        e2e.start_controller().await;
+        e2e
+    }
+
+    /// Starts a controller process for this namespace (again, after `stop_controller`).
+    pub async fn start_controller(&mut self) {
+        let setup = setup();
+        let log_dir = repo().join("target/e2e/logs");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        self.log = log_dir.join(format!("{}.log", self.namespace));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let port = free_port();
+        self.http = format!("http://127.0.0.1:{port}");
+        let controller = Command::new(env!("CARGO_BIN_EXE_ml-intern"))
+            .args([
+                "controller",
+                "--namespace",
+                &self.namespace,
+                "--http-addr",
+                &format!("127.0.0.1:{port}"),
+                "--sandbox-image",
+                SANDBOX_IMAGE,
+                "--sandbox-startup-timeout",
+                "60",
+                "--llm-retry-delays",
+                "0.2,0.2",
+            ])
+            .args(&self.controller_args)
+            .env("KUBECONFIG", &setup.controller_kubeconfig)
+            .env("RUST_LOG", "info,ml_intern=debug,kube_runtime=warn")
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
+            .spawn()
+            .expect("start the controller");
+        self.controller = Some(controller);
+        self.wait_until_ready().await;
+    }
+
+    async fn wait_until_ready(&mut self) {
+        let http = reqwest::Client::new();
+        for _ in 0..120 {
+            if let Some(Ok(Some(status))) = self.controller.as_mut().map(|c| c.try_wait()) {
+                panic!(
+                    "the controller exited ({status}) before it was ready:\n{}",
+                    self.log_tail()
+                );
+            }
+            if let Ok(r) = http.get(format!("{}/readyz", self.http)).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!(
+            "the controller was not ready within 30s:\n{}",
+            self.log_tail()
+        );
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Stops the controller process (as a crash or a rollout would).
+    pub fn stop_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sessions(&self) -> Api<AgentSession> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub async fn create_secret(&self, name: &str, key: &str, value: &str) {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.namespace);
+        let secret: Secret = serde_json::from_value(json!({
+            "metadata": {"name": name}, "stringData": {key: value}
+        }))
+        .unwrap();
+        secrets
+            .create(&PostParams::default(), &secret)
+            .await
+            .expect("create the secret");
+    }
+
+    pub async fn create_session(&self, name: &str, spec: Value) -> AgentSession {
+        let session: AgentSession = serde_json::from_value(json!({
+            "apiVersion": "ml-intern.io/v1alpha1", "kind": "AgentSession",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": spec
+        }))
+        .expect("a valid AgentSession");
+        self.sessions()
+            .create(&PostParams::default(), &session)
+            .await
+            .expect("create the session")
+    }
+
+    /// Waits until `done` holds for the session, failing with its last status and the
+    /// controller's log otherwise.
+    pub async fn wait_for_session(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&AgentSession) -> bool + Send + 'static,
+    ) -> AgentSession {
+        let cond = move |s: Option<&AgentSession>| s.is_some_and(&done);
+        match tokio::time::timeout(timeout, await_condition(self.sessions(), name, cond)).await {
+            Ok(Ok(Some(s))) => s,
+            other => {
+                let last = self.sessions().get_opt(name).await.ok().flatten();
+                panic!(
+                    "session {name} did not reach '{what}' within {timeout:?} ({:?}); status: {:#?}\ncontroller log:\n{}",
+                    other.err(),
+                    last.and_then(|s| s.status),
+                    self.log_tail()
+                )
+            }
+        }
+    }
+
+    pub async fn wait_for_phase(&self, name: &str, phase: &str, timeout: Duration) -> AgentSession {
+        let wanted = phase.to_string();
+        self.wait_for_session(name, timeout, phase, move |s| {
+            s.status
+                .as_ref()
+                .and_then(|st| st.phase)
+                .is_some_and(|p| format!("{p:?}") == wanted)
+        })
+        .await
+    }
+
+    /// Waits until no object of `api` has this name.
+    pub async fn wait_for_deletion<K>(&self, api: Api<K>, name: &str, timeout: Duration)
+    where
+        K: Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + kube::Resource + 'static,
+    {
+        let gone = |o: Option<&K>| o.is_none();
+        if tokio::time::timeout(timeout, await_condition(api, name, gone))
+            .await
+            .is_err()
+        {
+            panic!(
+                "{name} still exists after {timeout:?}\ncontroller log:\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
+    /// Events recorded on the object named `name`, oldest first.
+    pub async fn events_for(&self, name: &str) -> Vec<Event> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
+        let mut list: Vec<Event> = events
+            .list(&ListParams::default())
+            .await
+            .expect("list events")
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect();
+        list.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+        list
+    }
+
+    /// Waits until an Event with `reason` is recorded on `name`.
+    pub async fn wait_for_event(&self, name: &str, reason: &str, timeout: Duration) -> Event {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = self
+                .events_for(name)
+                .await
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some(reason))
+            {
+                return e;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {reason} event on {name} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Runs a command in a pod and returns its stdout.
+    pub async fn exec(&self, pod: &str, command: &[&str]) -> String {
+        let mut process = self
+            .pods()
+            .exec(
+                pod,
+                command.to_vec(),
+                &AttachParams::default().stderr(false),
+            )
+            .await
+            .expect("exec into the pod");
+        let mut out = String::new();
+        if let Some(mut stdout) = process.stdout() {
+            stdout.read_to_string(&mut out).await.unwrap();
+        }
+        let _ = process.join().await;
+        out
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        let mut full = vec!["-n", self.namespace.as_str()];
+        full.extend_from_slice(args);
+        kubectl(&full)
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.http))
+            .await
+            .expect("metrics endpoint answers")
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for E2e {
+    fn drop(&mut self) {
+        self.stop_controller();
+        // Sessions carry a finalizer that only the (now stopped) controller removes.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "kubectl -n {ns} get agentsessions -o name | xargs -r kubectl -n {ns} patch --type=merge -p '{{\"metadata\":{{\"finalizers\":null}}}}' >/dev/null 2>&1; \
+                 kubectl delete namespace {ns} --wait=false >/dev/null 2>&1",
+                ns = self.namespace
+            ))
+            .status();
+    }
+}

@@ -1,0 +1,9 @@
+//! Shared pieces of the end-to-end tests: a namespace and a controller process per test on
+//! the real local cluster, and a scripted OpenAI-compatible model server.
+#![allow(dead_code, unused_imports)] // each test binary uses a different subset
+
+pub mod cluster;
+pub mod scripted_llm;
+
+pub use cluster::{E2e, E2eOptions};
+pub use scripted_llm::{ScriptedLlm, Step};
