@@ -507,3 +507,42 @@ async fn a_session_left_running_by_a_dead_controller_fails_visibly() {
     env.wait_for_deletion::<Pod>(env.pods(), "orphan-sandbox", MINUTE)
         .await;
 }
+
+#[tokio::test]
+async fn invalid_specs_are_refused_at_apply_naming_the_field() {
+    let env = E2e::start("schema").await;
+    // (spec, what the error must name): kubectl's client-side validation names a missing
+    // field as `"prompt" in ….AgentSession.spec`, the apiserver as `spec.maxIterations`.
+    let cases = [
+        ("model: openai/x", vec!["\"prompt\"", "AgentSession.spec"]),
+        (
+            "prompt: p\n  model: openai/x\n  maxIterations: 0",
+            vec!["spec.maxIterations"],
+        ),
+        (
+            "prompt: p\n  model: openai/x\n  llm: {baseUrl: 'ftp://models.example'}",
+            vec!["spec.llm.baseUrl"],
+        ),
+        (
+            "prompt: p\n  model: openai/x\n  sandbox: {imagePullPolicy: Sometimes}",
+            vec!["spec.sandbox.imagePullPolicy"],
+        ),
+        ("prompt: p\n  model: ''", vec!["spec.model"]),
+    ];
+    for (i, (spec, named)) in cases.iter().enumerate() {
+        let manifest = format!(
+            "apiVersion: ml-intern.io/v1alpha1\nkind: AgentSession\nmetadata: {{name: bad-{i}}}\nspec:\n  {spec}\n"
+        );
+        let out = env.kubectl_apply(&manifest);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{spec} was accepted");
+        for name in named {
+            assert!(
+                stderr.contains(name),
+                "the error for {spec:?} names {name}: {stderr}"
+            );
+        }
+    }
+    let listed = env.sessions().list(&Default::default()).await.unwrap();
+    assert!(listed.items.is_empty(), "nothing invalid was stored");
+}

@@ -446,3 +446,24 @@ impl Drop for E2e {
             .status();
     }
 }
+
+impl E2e {
+    /// `kubectl apply -f -` of `manifest` in the test namespace.
+    pub fn kubectl_apply(&self, manifest: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .args(["-n", &self.namespace, "apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(manifest.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
