@@ -44,7 +44,6 @@ say "installing the CRD and the namespace $NS"
 kubectl apply -f crds/ >/dev/null
 kubectl wait --for=condition=established --timeout=60s crd/agentsessions.ml-intern.io >/dev/null
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl -n "$NS" delete agentsession "$SESSION" --ignore-not-found --wait=true >/dev/null 2>&1 || true
 if [[ -n $api_key ]]; then
   kubectl -n "$NS" create secret generic llm-api-key --from-literal=api-key="$api_key" \
     --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -56,11 +55,15 @@ say "starting the controller (log: $log)"
 controller=$!
 trap 'kill $controller 2>/dev/null || true; [[ -n ${watcher:-} ]] && kill $watcher 2>/dev/null || true' EXIT
 
+# a session from an earlier run goes first (its finalizer needs the controller)
+kubectl -n "$NS" delete agentsession "$SESSION" --ignore-not-found --timeout=60s >/dev/null
+
 say "applying configs/samples/agentsession.yaml with model $model"
 kubectl create --dry-run=client -o json -f configs/samples/agentsession.yaml |
   MODEL=$model BASE_URL=$base_url HAS_KEY=${api_key:+1} LOCAL=$local_cluster python3 -c '
 import json, os, sys
 s = json.load(sys.stdin)
+s["metadata"].pop("namespace", None)
 spec = s["spec"]
 spec["model"] = os.environ["MODEL"]
 if os.environ["BASE_URL"]:

@@ -84,6 +84,11 @@ impl SessionRun {
             "Accepted",
             "the spec and the Secrets it names are usable",
         );
+        if self.status.status.phase.is_none() {
+            self.status
+                .set_phase(SessionPhase::Pending, "accepted; starting the agent loop");
+            self.status.apply_or_log().await;
+        }
         let permit = match self.ctx.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
