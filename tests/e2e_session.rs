@@ -226,13 +226,7 @@ async fn missing_secret_keeps_the_session_pending_until_it_exists() {
     )
     .await;
     let pending = env
-        .wait_for_session("waits", MINUTE, "Accepted=False", |s| {
-            s.status.as_ref().is_some_and(|st| {
-                st.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Accepted" && c.status == "False")
-            })
-        })
+        .wait_for_condition("waits", "Accepted", "False", MINUTE)
         .await;
     let accepted = condition(&pending, "Accepted");
     assert_eq!(accepted.reason, "SecretNotFound");
@@ -249,7 +243,27 @@ async fn missing_secret_keeps_the_session_pending_until_it_exists() {
     assert_eq!(event.type_.as_deref(), Some("Warning"));
     assert!(llm.requests().is_empty(), "no model call without the key");
 
-    env.create_secret("later-key", "token", "sk-late").await;
+    // The Secret appears, but without the key the session names.
+    env.create_secret("later-key", "api-key", "sk-late").await;
+    let wrong_key = env
+        .wait_for_condition("waits", "Accepted", "SecretKeyNotFound", MINUTE)
+        .await;
+    let message = &condition(&wrong_key, "Accepted").message;
+    assert!(
+        message.contains("\"token\"") && message.contains("it has: api-key"),
+        "the message names the missing key and the keys there are: {message}"
+    );
+
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(env.client.clone(), &env.namespace);
+    secrets
+        .patch(
+            "later-key",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"stringData": {"token": "sk-late"}})),
+        )
+        .await
+        .unwrap();
     let done = env.wait_for_phase("waits", "Succeeded", MINUTE).await;
     assert_eq!(condition(&done, "Accepted").status, "True");
     assert_eq!(
@@ -380,14 +394,8 @@ async fn deleting_a_running_session_stops_it_and_removes_its_sandbox() {
                "sandbox": {"imagePullPolicy": "Never"}}),
     )
     .await;
-    env.wait_for_session("doomed", MINUTE, "SandboxReady", |s| {
-        s.status.as_ref().is_some_and(|st| {
-            st.conditions
-                .iter()
-                .any(|c| c.type_ == "SandboxReady" && c.status == "True")
-        })
-    })
-    .await;
+    env.wait_for_condition("doomed", "SandboxReady", "True", MINUTE)
+        .await;
     let started = std::time::Instant::now();
     env.sessions()
         .delete("doomed", &DeleteParams::default())
@@ -457,13 +465,7 @@ async fn sessions_beyond_the_concurrency_bound_wait_in_pending() {
     )
     .await;
     let waiting = env
-        .wait_for_session("second", MINUTE, "WaitingForCapacity", |s| {
-            s.status.as_ref().is_some_and(|st| {
-                st.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Running" && c.reason == "WaitingForCapacity")
-            })
-        })
+        .wait_for_condition("second", "Running", "WaitingForCapacity", MINUTE)
         .await;
     assert_eq!(waiting.status.unwrap().phase, Some(SessionPhase::Pending));
     assert!(
@@ -490,14 +492,8 @@ async fn a_session_left_running_by_a_dead_controller_fails_visibly() {
                "sandbox": {"imagePullPolicy": "Never"}}),
     )
     .await;
-    env.wait_for_session("orphan", MINUTE, "SandboxReady", |s| {
-        s.status.as_ref().is_some_and(|st| {
-            st.conditions
-                .iter()
-                .any(|c| c.type_ == "SandboxReady" && c.status == "True")
-        })
-    })
-    .await;
+    env.wait_for_condition("orphan", "SandboxReady", "True", MINUTE)
+        .await;
     env.stop_controller();
     env.start_controller().await;
     let failed = env.wait_for_phase("orphan", "Failed", MINUTE).await;

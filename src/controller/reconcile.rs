@@ -45,6 +45,13 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     let namespace = session
         .namespace()
         .ok_or(Error::MissingField("namespace"))?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let phase = session.status.as_ref().and_then(|s| s.phase);
+    if phase.is_some_and(|p| p.is_terminal()) {
+        // The runner deletes the sandbox when it ends; this catches a pod it missed.
+        SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
+        return Ok(Action::await_change());
+    }
     if ctx
         .sessions
         .lock()
@@ -54,19 +61,9 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
         return Ok(Action::await_change());
     }
     let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let phase = session.status.as_ref().and_then(|s| s.phase);
-    match phase {
-        Some(p) if p.is_terminal() => {
-            // The runner deletes the sandbox when it ends; this catches a crash in between.
-            SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
-            return Ok(Action::await_change());
-        }
-        Some(SessionPhase::Running) => {
-            fail_orphaned(&session, &ctx, api, &pods).await?;
-            return Ok(Action::await_change());
-        }
-        _ => {}
+    if phase == Some(SessionPhase::Running) {
+        fail_orphaned(&session, &ctx, api, &pods).await?;
+        return Ok(Action::await_change());
     }
 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);

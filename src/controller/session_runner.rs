@@ -216,6 +216,9 @@ impl SessionRun {
         while let Ok(event) = events_rx.try_recv() {
             self.on_agent_event(event).await;
         }
+        while let Ok(event) = sandbox_rx.try_recv() {
+            self.on_sandbox_event(event).await;
+        }
         if outcome == TurnOutcome::Cancelled {
             return None;
         }
@@ -313,19 +316,17 @@ impl SessionRun {
 
     async fn finish(&mut self, outcome: TurnOutcome) {
         let name = self.session.name_any();
-        if self.status.status.sandbox.is_some() {
-            let pod = crate::runtime::sandbox_pod_name(&name);
-            match SandboxPod::delete(&self.pods, &pod).await {
-                Ok(()) => self.status.set_condition(
-                    condition::SANDBOX_READY,
-                    false,
-                    "Deleted",
-                    &format!("sandbox pod {pod} was deleted when the session ended"),
-                ),
-                Err(e) => {
-                    tracing::warn!(session = %name, error = %e, "could not delete sandbox pod")
-                }
-            }
+        // Deleted by name even when no pod was recorded: a failed start may have left one.
+        let pod = crate::runtime::sandbox_pod_name(&name);
+        match SandboxPod::delete(&self.pods, &pod).await {
+            Ok(()) if self.status.status.sandbox.is_some() => self.status.set_condition(
+                condition::SANDBOX_READY,
+                false,
+                "Deleted",
+                &format!("sandbox pod {pod} was deleted when the session ended"),
+            ),
+            Ok(()) => {}
+            Err(e) => tracing::warn!(session = %name, error = %e, "could not delete sandbox pod"),
         }
         let iterations = self.status.status.iterations;
         let (phase, reason, message) = match outcome {

@@ -26,6 +26,38 @@ pub mod condition {
 
 const MESSAGE_MAX_CHARS: usize = 1024;
 
+/// Adds or replaces the condition of `type_`, keeping its `lastTransitionTime` when its
+/// status did not change (the Kubernetes convention tools such as kstatus rely on).
+pub fn upsert_condition(
+    conditions: &mut Vec<Condition>,
+    generation: Option<i64>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) {
+    let status_text = if status { "True" } else { "False" };
+    let previous = conditions.iter().position(|c| c.type_ == type_);
+    let last_transition_time = match previous {
+        Some(i) if conditions[i].status == status_text => {
+            conditions[i].last_transition_time.clone()
+        }
+        _ => Time(Timestamp::now()),
+    };
+    let condition = Condition {
+        type_: type_.into(),
+        status: status_text.into(),
+        reason: reason.into(),
+        message: truncate_chars(message, MESSAGE_MAX_CHARS),
+        observed_generation: generation,
+        last_transition_time,
+    };
+    match previous {
+        Some(i) => conditions[i] = condition,
+        None => conditions.push(condition),
+    }
+}
+
 pub struct StatusWriter {
     api: Api<AgentSession>,
     name: String,
@@ -53,28 +85,14 @@ impl StatusWriter {
 
     /// Sets a condition; its transition time changes only when its status does.
     pub fn set_condition(&mut self, type_: &str, status: bool, reason: &str, message: &str) {
-        let status_text = if status { "True" } else { "False" };
-        let message = truncate_chars(message, MESSAGE_MAX_CHARS);
-        let conditions = &mut self.status.conditions;
-        let previous = conditions.iter().position(|c| c.type_ == type_);
-        let last_transition_time = match previous {
-            Some(i) if conditions[i].status == status_text => {
-                conditions[i].last_transition_time.clone()
-            }
-            _ => Time(Timestamp::now()),
-        };
-        let condition = Condition {
-            type_: type_.into(),
-            status: status_text.into(),
-            reason: reason.into(),
+        upsert_condition(
+            &mut self.status.conditions,
+            self.generation,
+            type_,
+            status,
+            reason,
             message,
-            observed_generation: self.generation,
-            last_transition_time,
-        };
-        match previous {
-            Some(i) => conditions[i] = condition,
-            None => conditions.push(condition),
-        }
+        );
     }
 
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
@@ -101,5 +119,46 @@ impl StatusWriter {
         if let Err(e) = self.apply().await {
             tracing::warn!(session = %self.name, error = %e, "could not write status");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_when_the_status_flips() {
+        let mut conditions = vec![];
+        upsert_condition(&mut conditions, Some(1), "Running", true, "A", "a");
+        let first = conditions[0].last_transition_time.clone();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        upsert_condition(&mut conditions, Some(2), "Running", true, "B", "b");
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            conditions[0].last_transition_time, first,
+            "same status keeps the time"
+        );
+        assert_eq!(
+            (
+                conditions[0].reason.as_str(),
+                conditions[0].observed_generation
+            ),
+            ("B", Some(2))
+        );
+        upsert_condition(&mut conditions, Some(2), "Running", false, "C", "c");
+        assert!(
+            conditions[0].last_transition_time.0 > first.0,
+            "a flip moves it"
+        );
+        upsert_condition(
+            &mut conditions,
+            Some(2),
+            "Failed",
+            true,
+            "D",
+            &"x".repeat(5000),
+        );
+        assert_eq!(conditions.len(), 2);
+        assert!(conditions[1].message.chars().count() <= MESSAGE_MAX_CHARS + 1);
     }
 }

@@ -334,6 +334,27 @@ impl E2e {
         }
     }
 
+    /// Waits until the session's `type_` condition has `status` ("True"/"False") or, when
+    /// `status` is neither, that reason.
+    pub async fn wait_for_condition(
+        &self,
+        name: &str,
+        type_: &str,
+        status_or_reason: &str,
+        timeout: Duration,
+    ) -> AgentSession {
+        let (t, want) = (type_.to_string(), status_or_reason.to_string());
+        let what = format!("{type_}={status_or_reason}");
+        self.wait_for_session(name, timeout, &what, move |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.conditions
+                    .iter()
+                    .any(|c| c.type_ == t && (c.status == want || c.reason == want))
+            })
+        })
+        .await
+    }
+
     pub async fn wait_for_phase(&self, name: &str, phase: &str, timeout: Duration) -> AgentSession {
         let wanted = phase.to_string();
         self.wait_for_session(name, timeout, phase, move |s| {
