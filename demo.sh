@@ -22,7 +22,8 @@ if [[ -z ${KUBECONFIG:-} ]] || ! kubectl get --raw /readyz >/dev/null 2>&1; then
   say "no cluster configured: starting the local one (the first build takes several minutes)"
   tests/cluster/local-k8s.sh up
   export KUBECONFIG=$(tests/cluster/local-k8s.sh kubeconfig)
-  tests/cluster/local-k8s.sh busybox localhost/ml-intern-sandbox:busybox
+  tests/cluster/local-k8s.sh has-image localhost/ml-intern-sandbox:busybox ||
+    tests/cluster/local-k8s.sh busybox localhost/ml-intern-sandbox:busybox
   local_cluster=1
 fi
 

@@ -13,10 +13,8 @@ if [[ -z ${KUBECONFIG:-} ]]; then
   say "starting the local cluster"
   tests/cluster/local-k8s.sh up
   export KUBECONFIG=$(tests/cluster/local-k8s.sh kubeconfig)
-  if ! ctr --address "$HOME/.cache/local-k8s/run/containerd/containerd.sock" -n k8s.io images ls -q |
-    grep -q 'localhost/ml-intern-sandbox:busybox'; then
+  tests/cluster/local-k8s.sh has-image localhost/ml-intern-sandbox:busybox ||
     tests/cluster/local-k8s.sh busybox localhost/ml-intern-sandbox:busybox
-  fi
 fi
 
 say "starting the local model server"

@@ -10,6 +10,7 @@
 #   tests/cluster/local-k8s.sh down           stop everything `up` started
 #   tests/cluster/local-k8s.sh image NAME DIR load a root filesystem folder as image NAME
 #   tests/cluster/local-k8s.sh busybox NAME   load a busybox-static image as NAME
+#   tests/cluster/local-k8s.sh has-image NAME exit 0 when the node has image NAME
 #   tests/cluster/local-k8s.sh kubeconfig     print the kubeconfig path
 #
 # Why it looks the way it does (each found by failing first):
@@ -284,6 +285,7 @@ case "${1:-}" in
   down) down ;;
   image) shift; image "$@" ;;
   busybox) busybox "${2:?image name}" ;;
+  has-image) ctr --address "$CTD/containerd.sock" -n k8s.io images ls -q 2>/dev/null | grep -qx "${2:?image name}" ;;
   kubeconfig) echo "$KUBECONFIG_FILE" ;;
-  *) sed -n '2,13p' "$0"; exit 2 ;;
+  *) sed -n '2,14p' "$0"; exit 2 ;;
 esac
