@@ -30,8 +30,14 @@ pub enum AgentEvent {
         output: String,
         success: bool,
     },
-    /// A progress line, e.g. a retry of the model endpoint.
+    /// A progress line: a guard's corrective message (tool `system`) or a tool's progress.
     ToolLog { tool: String, log: String },
+    /// A model call failed in a way that may pass and is retried after `delay_secs`.
+    LlmRetry {
+        message: String,
+        delay_secs: f32,
+        rate_limited: bool,
+    },
     /// The turn ended with the model's answer.
     TurnComplete { final_response: String },
 }

@@ -3,6 +3,7 @@
 //! the controller, in tests without a cluster, or in a local process.
 
 pub mod event;
+pub mod guards;
 pub mod message;
 pub mod prompt;
 pub mod turn;

@@ -8,7 +8,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{AgentEvent, ChatMessage, ToolCall};
+use super::{AgentEvent, ChatMessage, ToolCall, guards};
 use crate::llm::{ChatModel, ChatResponse, LlmError};
 use crate::tools::{ToolFailure, ToolOutput, ToolRouter};
 
@@ -68,6 +68,24 @@ pub async fn run_turn(
     let mut iterations = 0;
     while iterations < config.max_iterations {
         iterations += 1;
+        guards::repair_dangling_calls(history);
+        for warning in [
+            guards::repetition_warning(history),
+            guards::malformed_streak_warning(history),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            emit(
+                events,
+                AgentEvent::ToolLog {
+                    tool: "system".into(),
+                    log: warning.clone(),
+                },
+            )
+            .await;
+            history.push(ChatMessage::user(warning));
+        }
         let response = tokio::select! {
             _ = cancel.cancelled() => return TurnOutcome::Cancelled,
             r = call_with_retries(model, history, &specs, config, events) => r,
@@ -84,6 +102,27 @@ pub async fn run_turn(
                 },
             )
             .await;
+        }
+        if response.finish_reason.as_deref() == Some("length") && !response.tool_calls.is_empty() {
+            // Calls cut off mid-generation may carry half-written arguments; none of them run.
+            let dropped: Vec<String> = response.tool_calls.iter().map(|c| c.name.clone()).collect();
+            if let Some(text) = response.content {
+                history.push(ChatMessage::Assistant {
+                    content: Some(text),
+                    tool_calls: vec![],
+                });
+            }
+            let warning = guards::truncation_warning(&dropped);
+            emit(
+                events,
+                AgentEvent::ToolLog {
+                    tool: "system".into(),
+                    log: warning.clone(),
+                },
+            )
+            .await;
+            history.push(ChatMessage::user(warning));
+            continue;
         }
         if response.tool_calls.is_empty() {
             let final_response = response.content.unwrap_or_default();
@@ -123,11 +162,7 @@ pub async fn run_turn(
         let runs = calls.iter().map(|c| async move {
             match &c.arguments {
                 Some(args) => tools.call(&c.stored.name, args.clone()).await,
-                None => Ok(ToolOutput::error(format!(
-                    "ERROR: Tool call to '{}' had malformed JSON arguments and was NOT executed. \
-                     Retry with valid JSON; for large content write smaller pieces.",
-                    c.stored.name
-                ))),
+                None => Ok(ToolOutput::error(guards::malformed_result(&c.stored.name))),
             }
         });
         let results = tokio::select! {
@@ -219,9 +254,10 @@ async fn call_with_retries(
                 Some(delay) => {
                     emit(
                         events,
-                        AgentEvent::ToolLog {
-                            tool: "system".into(),
-                            log: format!("{e}; retrying in {}s", delay.as_secs_f32()),
+                        AgentEvent::LlmRetry {
+                            message: e.to_string(),
+                            delay_secs: delay.as_secs_f32(),
+                            rate_limited: matches!(e, LlmError::Http { status: 429, .. }),
                         },
                     )
                     .await;
@@ -411,6 +447,7 @@ mod tests {
                 AgentEvent::ToolCall { .. } => "tool_call",
                 AgentEvent::ToolOutput { .. } => "tool_output",
                 AgentEvent::ToolLog { .. } => "tool_log",
+                AgentEvent::LlmRetry { .. } => "llm_retry",
                 AgentEvent::TurnComplete { .. } => "turn_complete",
             })
             .collect();
@@ -451,6 +488,63 @@ mod tests {
             events
                 .iter()
                 .any(|e| matches!(e, AgentEvent::ToolOutput { success: false, .. }))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_doom_loop_gets_a_corrective_message_before_the_next_call() {
+        let same = || Ok(calls(&[("x", "echo", r#"{"text":"same"}"#)]));
+        let model = Script::new(vec![same(), same(), same(), Ok(answer("changed course"))]);
+        let (outcome, _, events) = run(&model, &router(), TurnConfig::default()).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Completed {
+                final_response: "changed course".into()
+            }
+        );
+        let seen = model.seen.lock().unwrap();
+        let last_sent = seen[3].last().unwrap();
+        assert!(
+            matches!(last_sent, ChatMessage::User { content } if content.starts_with(guards::REPETITION_MARKER)),
+            "{last_sent:?}"
+        );
+        assert!(!seen[2].iter().any(|m| matches!(m, ChatMessage::User { content } if content.starts_with(guards::REPETITION_MARKER))));
+        assert!(events.iter().any(|e| matches!(e, AgentEvent::ToolLog { log, .. } if log.starts_with(guards::REPETITION_MARKER))));
+    }
+
+    #[tokio::test]
+    async fn tool_calls_cut_off_by_the_token_limit_are_dropped_and_explained() {
+        let mut truncated = calls(&[("a", "echo", r#"{"text": "half"#)]);
+        truncated.finish_reason = Some("length".into());
+        truncated.content = Some("Writing the file".into());
+        let model = Script::new(vec![Ok(truncated), Ok(answer("smaller now"))]);
+        let (_, history, events) = run(&model, &router(), TurnConfig::default()).await;
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, AgentEvent::ToolCall { .. })),
+            "nothing ran"
+        );
+        assert_eq!(
+            history[2],
+            ChatMessage::Assistant {
+                content: Some("Writing the file".into()),
+                tool_calls: vec![]
+            }
+        );
+        assert!(
+            matches!(&history[3], ChatMessage::User { content } if content.contains("[echo]") && content.contains("output token limit"))
+        );
+    }
+
+    #[tokio::test]
+    async fn two_malformed_calls_in_a_row_bring_a_hint_to_the_model() {
+        let bad = || Ok(calls(&[("a", "echo", "{not json")]));
+        let model = Script::new(vec![bad(), bad(), Ok(answer("ok"))]);
+        run(&model, &router(), TurnConfig::default()).await;
+        let seen = model.seen.lock().unwrap();
+        assert!(
+            matches!(seen[2].last().unwrap(), ChatMessage::User { content } if content.contains("were not valid JSON"))
         );
     }
 
@@ -498,11 +592,13 @@ mod tests {
                 final_response: "recovered".into()
             }
         );
-        assert!(
-            events
-                .iter()
-                .any(|e| matches!(e, AgentEvent::ToolLog { log, .. } if log.contains("retrying")))
-        );
+        assert!(events.iter().any(|e| matches!(
+            e,
+            AgentEvent::LlmRetry {
+                rate_limited: false,
+                ..
+            }
+        )));
 
         let model = Script::new(vec![Err(unreachable()), Err(unreachable())]);
         let (outcome, _, _) = run(&model, &router(), config.clone()).await;

@@ -260,11 +260,22 @@ impl SessionRun {
             AgentEvent::ToolLog { tool, log } => {
                 let log = self.redact(&log);
                 tracing::info!(session = %self.session.name_any(), %tool, %log);
-                if tool == "system" {
-                    self.ctx
-                        .publish(&self.object, EventType::Warning, "LLMRetrying", log)
-                        .await;
-                }
+            }
+            AgentEvent::LlmRetry {
+                message,
+                delay_secs,
+                rate_limited,
+            } => {
+                let reason = if rate_limited {
+                    "RateLimited"
+                } else {
+                    "LLMRetrying"
+                };
+                let note = self.redact(&format!("{message}; retrying in {delay_secs}s"));
+                tracing::info!(session = %self.session.name_any(), %note, "model call retried");
+                self.ctx
+                    .publish(&self.object, EventType::Warning, reason, note)
+                    .await;
             }
             AgentEvent::ToolOutput {
                 tool,
