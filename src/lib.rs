@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crdgen;
 pub mod http;
 pub mod llm;
+pub mod redact;
 pub mod runtime;
 pub mod server;
 pub mod text;

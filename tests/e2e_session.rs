@@ -30,14 +30,17 @@ async fn scripted_session_runs_bash_in_its_sandbox_and_answers() {
     let env = E2e::start("answer").await;
     let nonce = format!("nonce-{}", std::process::id());
     let release = Arc::new(Notify::new());
+    // The answer carries a canary token, which must not reach the status.
+    let canary = "hf_CanaryCanaryCanaryCanaryCanary0123";
     let answer = format!("The file /workspace/notes.txt holds {nonce}.");
+    let answer_with_canary = format!("{answer} My token is {canary}.");
     let llm = ScriptedLlm::start(vec![
         Step::ToolCalls(vec![(
             "bash",
             json!({"command": format!("mkdir -p /workspace/out && echo {nonce} > /workspace/notes.txt && echo written")}),
         )]),
         Step::ToolCalls(vec![("bash", json!({"command": "cat notes.txt; id -u; exit 3"}))]),
-        Step::AnswerWhenReleased(release.clone(), answer.clone()),
+        Step::AnswerWhenReleased(release.clone(), answer_with_canary),
     ])
     .await;
     let secret_value = "sk-scripted-0123456789";
@@ -129,7 +132,10 @@ async fn scripted_session_runs_bash_in_its_sandbox_and_answers() {
     release.notify_one();
     let done = env.wait_for_phase("demo", "Succeeded", MINUTE).await;
     let status = done.status.clone().unwrap();
-    assert_eq!(status.final_response.as_deref(), Some(answer.as_str()));
+    assert_eq!(
+        status.final_response.as_deref(),
+        Some(format!("{answer} My token is [REDACTED_HF_TOKEN].").as_str())
+    );
     assert_eq!(status.iterations, 3);
     let usage = status.usage.expect("usage is summed");
     assert_eq!((usage.prompt_tokens, usage.completion_tokens), (300, 30));
@@ -173,10 +179,15 @@ async fn scripted_session_runs_bash_in_its_sandbox_and_answers() {
         Some(2),
         "{tool_called:?}"
     );
-    let everything = format!("{:?}{:?}", done, events);
+    let controller_log = std::fs::read_to_string(&env.log).unwrap();
+    let everything = format!("{done:?}{events:?}{controller_log}");
     assert!(
         !everything.contains(secret_value),
-        "the API key leaked into status or events"
+        "the API key leaked into status, events or logs"
+    );
+    assert!(
+        !everything.contains(canary),
+        "the canary leaked into status, events or logs"
     );
 
     // kubectl shows the printer columns.

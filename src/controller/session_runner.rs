@@ -19,6 +19,7 @@ use crate::agent::{AgentEvent, ChatMessage, TurnConfig, TurnFailure, TurnOutcome
 use crate::api::session::FINAL_RESPONSE_MAX_BYTES;
 use crate::api::{AgentSession, SandboxStatus, SessionPhase, TokenUsage};
 use crate::llm::{OpenAiClient, resolve_model};
+use crate::redact::Redactor;
 use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings};
 use crate::text::{truncate_bytes, truncate_chars};
@@ -52,6 +53,7 @@ struct SessionRun {
     /// Status changed since it was last written.
     status_dirty: bool,
     api_key: Option<String>,
+    redactor: Redactor,
 }
 
 impl SessionRun {
@@ -64,6 +66,7 @@ impl SessionRun {
             status_dirty: false,
             object: session.object_ref(&()),
             session: session.clone(),
+            redactor: Redactor::new(api_key.clone()),
             api_key,
             ctx,
         }
@@ -71,10 +74,7 @@ impl SessionRun {
 
     /// Secret values never leave the controller: not in status, Events or logs.
     fn redact(&self, text: &str) -> String {
-        match &self.api_key {
-            Some(key) if key.len() >= 4 => text.replace(key.as_str(), "[REDACTED]"),
-            _ => text.to_string(),
-        }
+        self.redactor.redact(text).into_owned()
     }
 
     async fn execute(&mut self, cancel: &CancellationToken) {
