@@ -3,8 +3,8 @@
 pub mod session;
 
 pub use session::{
-    AgentSession, AgentSessionSpec, AgentSessionStatus, LlmSpec, SandboxSpec, SandboxStatus,
-    SecretKeyRef, SessionPhase, TokenUsage,
+    AgentSession, AgentSessionSpec, AgentSessionStatus, LlmApi, LlmSpec, SandboxSpec,
+    SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage,
 };
 
 /// API group of every resource this operator defines.

@@ -36,10 +36,12 @@ pub struct AgentSessionSpec {
     #[schemars(length(min = 1))]
     pub prompt: String,
 
-    /// Model id. `openai/<id>` talks to the OpenAI-compatible endpoint in `llm.baseUrl`
-    /// (default https://api.openai.com/v1) with model `<id>`; any other id, such as
+    /// Model id. With `llm.api: openai`, `openai/<id>` talks to `llm.baseUrl` (default
+    /// https://api.openai.com/v1) with model `<id>`, and any other id, such as
     /// `moonshotai/Kimi-K2.6:novita`, is sent unchanged to `llm.baseUrl` (default the
-    /// Hugging Face inference router, https://router.huggingface.co/v1).
+    /// Hugging Face inference router, https://router.huggingface.co/v1). With
+    /// `llm.api: anthropic`, `anthropic/<id>` or `<id>` is sent as `<id>` to `llm.baseUrl`
+    /// (default https://api.anthropic.com).
     #[schemars(length(min = 1))]
     pub model: String,
 
@@ -62,12 +64,37 @@ fn default_max_iterations() -> u32 {
     300
 }
 
-/// Connection to an OpenAI-compatible chat-completions endpoint.
+fn default_true() -> bool {
+    true
+}
+
+/// The wire protocol of the model endpoint.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmApi {
+    /// OpenAI chat completions.
+    #[default]
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+/// How to reach the model: its wire protocol, endpoint and key.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LlmSpec {
-    /// Base URL of the endpoint, up to and including the version segment, e.g.
-    /// `http://vllm.models.svc:8000/v1`. `/chat/completions` is appended to it.
+    /// Wire protocol: `openai` (chat completions; OpenAI, the Hugging Face router, vLLM,
+    /// TGI, Ollama, llama.cpp) or `anthropic` (the Messages API). Default `openai`.
+    #[serde(default)]
+    pub api: LlmApi,
+
+    /// Stream responses (server-sent events). Default true.
+    #[serde(default = "default_true")]
+    pub stream: bool,
+
+    /// Base URL of the endpoint. For `openai`, up to and including the version segment
+    /// (`http://vllm.models.svc:8000/v1`; `/chat/completions` is appended); for
+    /// `anthropic`, the root (`https://api.anthropic.com`; `/v1/messages` is appended).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^https?://"))]
     pub base_url: Option<String>,

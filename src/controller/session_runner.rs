@@ -17,8 +17,8 @@ use super::status::{StatusWriter, condition};
 use crate::agent::prompt::SYSTEM_PROMPT;
 use crate::agent::{AgentEvent, ChatMessage, TurnConfig, TurnFailure, TurnOutcome, run_turn};
 use crate::api::session::FINAL_RESPONSE_MAX_BYTES;
-use crate::api::{AgentSession, SandboxStatus, SessionPhase, TokenUsage};
-use crate::llm::{OpenAiClient, resolve_model};
+use crate::api::{AgentSession, LlmApi, SandboxStatus, SessionPhase, TokenUsage};
+use crate::llm::{WireApi, client_for};
 use crate::redact::Redactor;
 use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings};
@@ -142,14 +142,19 @@ impl SessionRun {
             )
             .await;
 
-        let resolved = resolve_model(&spec.model, spec.llm.base_url.as_deref());
-        let model = OpenAiClient::new(
-            &resolved.base_url,
-            resolved.model_id,
+        let model = client_for(
+            match spec.llm.api {
+                LlmApi::Openai => WireApi::OpenAiChat,
+                LlmApi::Anthropic => WireApi::AnthropicMessages,
+            },
+            &spec.model,
+            spec.llm.base_url.as_deref(),
             self.api_key.clone(),
             self.ctx.config.llm_timeout,
-        )
-        .with_sampling(spec.llm.max_tokens, spec.llm.temperature);
+            spec.llm.stream,
+            spec.llm.max_tokens,
+            spec.llm.temperature,
+        );
 
         let Some(owner) = self.session.controller_owner_ref(&()) else {
             return Some(TurnOutcome::Failed(TurnFailure::Tool(
@@ -194,7 +199,14 @@ impl SessionRun {
         };
         let (events_tx, mut events_rx) = mpsc::channel(256);
         let outcome = {
-            let turn = run_turn(&model, &tools, &mut history, &config, &events_tx, cancel);
+            let turn = run_turn(
+                model.as_ref(),
+                &tools,
+                &mut history,
+                &config,
+                &events_tx,
+                cancel,
+            );
             tokio::pin!(turn);
             loop {
                 tokio::select! {

@@ -1,14 +1,17 @@
 //! Clients for the model endpoints the agent talks to, behind one trait.
 
+pub mod anthropic;
 pub mod error;
 pub mod model_ref;
 pub mod openai;
+pub mod sse;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
+pub use anthropic::AnthropicClient;
 pub use error::LlmError;
-pub use model_ref::{ResolvedModel, resolve_model};
+pub use model_ref::{ResolvedModel, WireApi, resolve_model};
 pub use openai::OpenAiClient;
 
 use crate::agent::{ChatMessage, ToolCall};
@@ -35,6 +38,33 @@ pub struct ChatResponse {
     pub tool_calls: Vec<ToolCall>,
     pub finish_reason: Option<String>,
     pub usage: Usage,
+}
+
+/// A client for `api` at `base_url` (or the API's default endpoint), sending `model`.
+#[allow(clippy::too_many_arguments)]
+pub fn client_for(
+    api: WireApi,
+    model: &str,
+    base_url: Option<&str>,
+    api_key: Option<String>,
+    timeout: std::time::Duration,
+    stream: bool,
+    max_tokens: Option<u32>,
+    temperature: Option<f64>,
+) -> Box<dyn ChatModel> {
+    let resolved = resolve_model(model, base_url, api);
+    match api {
+        WireApi::OpenAiChat => Box::new(
+            OpenAiClient::new(&resolved.base_url, resolved.model_id, api_key, timeout)
+                .with_sampling(max_tokens, temperature)
+                .streaming(stream),
+        ),
+        WireApi::AnthropicMessages => Box::new(
+            AnthropicClient::new(&resolved.base_url, resolved.model_id, api_key, timeout)
+                .with_sampling(max_tokens, temperature)
+                .streaming(stream),
+        ),
+    }
 }
 
 #[async_trait]

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -23,6 +24,7 @@ pub struct OpenAiClient {
     model: String,
     max_tokens: Option<u32>,
     temperature: Option<f64>,
+    stream: bool,
 }
 
 impl std::fmt::Debug for OpenAiClient {
@@ -49,7 +51,14 @@ impl OpenAiClient {
             model: model.into(),
             max_tokens: None,
             temperature: None,
+            stream: false,
         }
+    }
+
+    /// Streams responses (SSE) instead of waiting for the whole body.
+    pub fn streaming(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
     }
 
     pub fn with_sampling(mut self, max_tokens: Option<u32>, temperature: Option<f64>) -> Self {
@@ -62,8 +71,11 @@ impl OpenAiClient {
         let mut body = json!({
             "model": self.model,
             "messages": messages.iter().map(wire_message).collect::<Vec<_>>(),
-            "stream": false,
+            "stream": self.stream,
         });
+        if self.stream {
+            body["stream_options"] = json!({"include_usage": true});
+        }
         // Tools are left out entirely when there are none: some servers still show an
         // empty tool list to the model and it then invents calls.
         if !tools.is_empty() {
@@ -204,6 +216,95 @@ pub fn parse_response(body: &[u8]) -> Result<ChatResponse, String> {
     })
 }
 
+/// Builds one response from the chunks of a streamed chat completion: text deltas
+/// concatenated, tool calls assembled by their `index`, usage from the final chunk.
+#[derive(Default)]
+pub struct StreamAssembler {
+    content: String,
+    calls: std::collections::BTreeMap<u64, (String, String, String)>,
+    finish_reason: Option<String>,
+    usage: Usage,
+}
+
+impl StreamAssembler {
+    /// Takes one `data:` payload; Ok(true) once the stream says it is done.
+    pub fn push(&mut self, data: &str) -> Result<bool, String> {
+        if data.trim() == "[DONE]" {
+            return Ok(true);
+        }
+        let chunk: Value = serde_json::from_str(data).map_err(|e| format!("bad chunk: {e}"))?;
+        if let Some(err) = chunk.get("error") {
+            return Err(err
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| err.to_string()));
+        }
+        if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Usage {
+                prompt_tokens: u["prompt_tokens"].as_u64().unwrap_or(0),
+                completion_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
+            };
+        }
+        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else {
+            return Ok(false);
+        };
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            self.finish_reason = Some(reason.to_string());
+        }
+        let delta = &choice["delta"];
+        if let Some(text) = delta.get("content").and_then(Value::as_str) {
+            self.content.push_str(text);
+        }
+        for (position, call) in delta
+            .get("tool_calls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let index = call["index"].as_u64().unwrap_or(position as u64);
+            let entry = self.calls.entry(index).or_default();
+            if let Some(id) = call
+                .get("id")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+            {
+                entry.0 = id.to_string();
+            }
+            let function = &call["function"];
+            if let Some(name) = function.get("name").and_then(Value::as_str) {
+                entry.1.push_str(name);
+            }
+            if let Some(args) = function.get("arguments").and_then(Value::as_str) {
+                entry.2.push_str(args);
+            }
+        }
+        Ok(false)
+    }
+
+    pub fn finish(self) -> ChatResponse {
+        ChatResponse {
+            content: Some(self.content).filter(|c| !c.is_empty()),
+            tool_calls: self
+                .calls
+                .into_iter()
+                .map(|(index, (id, name, arguments))| ToolCall {
+                    id: if id.is_empty() {
+                        format!("call_{index}")
+                    } else {
+                        id
+                    },
+                    name,
+                    arguments,
+                })
+                .collect(),
+            finish_reason: self.finish_reason,
+            usage: self.usage,
+        }
+    }
+}
+
 /// The human part of an error body: `{"error":{"message":…}}`, `{"error":"…"}`,
 /// `{"message":…}`, or the text itself, cut short.
 pub fn error_message(body: &[u8]) -> String {
@@ -237,30 +338,51 @@ impl ChatModel for OpenAiClient {
             req = req.bearer_auth(key);
         }
         let started = Instant::now();
-        let resp = req.send().await.map_err(|e| LlmError::Unreachable {
+        let unreachable = |e: reqwest::Error| LlmError::Unreachable {
             url: self.url.clone(),
             detail: crate::http::describe_error(&e),
-        })?;
+        };
+        let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| LlmError::Unreachable {
-            url: self.url.clone(),
-            detail: crate::http::describe_error(&e),
-        })?;
         if !status.is_success() {
+            let bytes = resp.bytes().await.unwrap_or_default();
             return Err(LlmError::Http {
                 url: self.url.clone(),
                 status: status.as_u16(),
                 message: error_message(&bytes),
             });
         }
+        let response = if self.stream {
+            let mut assembler = StreamAssembler::default();
+            let mut events = std::pin::pin!(super::sse::events(resp.bytes_stream()));
+            while let Some(event) = events.next().await {
+                match assembler.push(&event.map_err(unreachable)?.data) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    // An error inside a 200 stream is the server failing mid-answer.
+                    Err(message) => {
+                        return Err(LlmError::Http {
+                            url: self.url.clone(),
+                            status: 500,
+                            message: crate::text::truncate_chars(&message, ERROR_MESSAGE_MAX_CHARS),
+                        });
+                    }
+                }
+            }
+            assembler.finish()
+        } else {
+            let bytes = resp.bytes().await.map_err(unreachable)?;
+            parse_response(&bytes).map_err(|detail| LlmError::InvalidResponse {
+                url: self.url.clone(),
+                detail,
+            })?
+        };
         tracing::debug!(
             latency_ms = started.elapsed().as_millis() as u64,
+            stream = self.stream,
             "model call"
         );
-        parse_response(&bytes).map_err(|detail| LlmError::InvalidResponse {
-            url: self.url.clone(),
-            detail,
-        })
+        Ok(response)
     }
 }
 
@@ -293,6 +415,42 @@ mod tests {
         assert_eq!(r.tool_calls[0].id, "call_0");
         assert_eq!(r.tool_calls[0].arguments, r#"{"command":"ls"}"#);
         assert_eq!(r.usage, Usage::default());
+    }
+
+    #[test]
+    fn streamed_tool_calls_are_assembled_by_index() {
+        // The shape llama.cpp sends, arguments split across deltas, two calls interleaved.
+        let chunks = [
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant","content":null}}],"object":"chat.completion.chunk"}"#,
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"id":"9hKw","type":"function","function":{"name":"get_weather","arguments":"{"}}]}}]}"#,
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"city\": "}}]}}]}"#,
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":1,"id":"x2","function":{"name":"bash","arguments":"{}"}}]}}]}"#,
+            r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]}}]}"#,
+            r#"{"choices":[{"finish_reason":"tool_calls","index":0,"delta":{}}]}"#,
+            r#"{"choices":[],"usage":{"completion_tokens":17,"prompt_tokens":124,"total_tokens":141}}"#,
+        ];
+        let mut a = StreamAssembler::default();
+        for c in chunks {
+            assert_eq!(a.push(c), Ok(false));
+        }
+        assert_eq!(a.push("[DONE]"), Ok(true));
+        let r = a.finish();
+        assert_eq!(r.content, None);
+        assert_eq!(r.tool_calls.len(), 2);
+        assert_eq!(r.tool_calls[0].arguments, r#"{"city": "Paris"}"#);
+        assert_eq!(r.tool_calls[0].id, "9hKw");
+        assert_eq!(r.tool_calls[1].name, "bash");
+        assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
+        assert_eq!(r.usage.prompt_tokens, 124);
+    }
+
+    #[test]
+    fn an_error_inside_a_stream_is_reported() {
+        let mut a = StreamAssembler::default();
+        assert_eq!(
+            a.push(r#"{"error":{"message":"overloaded","type":"server_error"}}"#),
+            Err("overloaded".to_string())
+        );
     }
 
     #[test]

@@ -27,7 +27,9 @@ pub enum Step {
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
 pub struct SeenRequest {
+    pub path: String,
     pub authorization: Option<String>,
+    pub api_key: Option<String>,
     pub body: Value,
 }
 
@@ -41,6 +43,8 @@ struct Shared {
 pub struct ScriptedLlm {
     /// OpenAI base URL, e.g. `http://127.0.0.1:41234/v1`.
     pub base_url: String,
+    /// Anthropic base URL (the root), e.g. `http://127.0.0.1:41234`.
+    pub anthropic_url: String,
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
 }
@@ -61,6 +65,7 @@ impl ScriptedLlm {
         });
         let app = Router::new()
             .route("/v1/chat/completions", post(complete))
+            .route("/v1/messages", post(messages))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -71,6 +76,7 @@ impl ScriptedLlm {
         });
         ScriptedLlm {
             base_url: format!("http://{addr}/v1"),
+            anthropic_url: format!("http://{addr}"),
             shared,
             server,
         }
@@ -96,44 +102,100 @@ impl ScriptedLlm {
     }
 }
 
+/// What the script says to answer, after recording the request.
+enum Reply {
+    Calls(Vec<(String, String, Value)>),
+    Text(String),
+    Failure(StatusCode, Value),
+}
+
+async fn next_reply(shared: &Shared, path: &str, headers: &HeaderMap, body: Value) -> Reply {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    shared.seen.lock().unwrap().push(SeenRequest {
+        path: path.into(),
+        authorization: header("authorization"),
+        api_key: header("x-api-key"),
+        body,
+    });
+    shared.count.send_modify(|c| *c += 1);
+    let step = shared.steps.lock().unwrap().pop_front();
+    match step {
+        None => Reply::Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": {"message": "the test script has no more steps", "type": "server_error"}}),
+        ),
+        Some(Step::Error(status, body)) => {
+            Reply::Failure(StatusCode::from_u16(status).expect("valid status"), body)
+        }
+        Some(Step::Answer(text)) => Reply::Text(text),
+        Some(Step::AnswerWhenReleased(release, text)) => {
+            release.notified().await;
+            Reply::Text(text)
+        }
+        Some(Step::ToolCalls(calls)) => Reply::Calls(
+            calls
+                .into_iter()
+                .map(|(name, args)| {
+                    let mut n = shared.next_call.lock().unwrap();
+                    *n += 1;
+                    (format!("call_{n}"), name.to_string(), args)
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn sse(events: Vec<(Option<&str>, String)>) -> Response {
+    let mut body = String::new();
+    for (name, data) in events {
+        if let Some(n) = name {
+            body.push_str(&format!("event: {n}\n"));
+        }
+        body.push_str(&format!("data: {data}\n\n"));
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+        body,
+    )
+        .into_response()
+}
+
+/// Splits a string in two, on a character boundary, so streams carry real deltas.
+fn halves(s: &str) -> (String, String) {
+    let mid = s
+        .char_indices()
+        .nth(s.chars().count() / 2)
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    (s[..mid].to_string(), s[mid..].to_string())
+}
+
 async fn complete(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Response {
-    shared.seen.lock().unwrap().push(SeenRequest {
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
-        body,
-    });
-    shared.count.send_modify(|c| *c += 1);
-    let step = shared.steps.lock().unwrap().pop_front();
+    let stream = body["stream"].as_bool().unwrap_or(false);
     let usage = json!({"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110});
-    match step {
-        None => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": {"message": "the test script has no more steps", "type": "server_error"}})),
-        )
-            .into_response(),
-        Some(Step::Error(status, body)) => (
-            StatusCode::from_u16(status).expect("valid status"),
-            Json(body),
-        )
-            .into_response(),
-        Some(Step::Answer(text)) => Json(answer(&text, usage)).into_response(),
-        Some(Step::AnswerWhenReleased(release, text)) => {
-            release.notified().await;
-            Json(answer(&text, usage)).into_response()
-        }
-        Some(Step::ToolCalls(calls)) => {
+    let reply = next_reply(&shared, "/v1/chat/completions", &headers, body).await;
+    let chunk = |delta: Value, finish: Value| {
+        json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "model": "scripted",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        .to_string()
+    };
+    match (reply, stream) {
+        (Reply::Failure(status, body), _) => (status, Json(body)).into_response(),
+        (Reply::Text(text), false) => Json(answer(&text, usage)).into_response(),
+        (Reply::Calls(calls), false) => {
             let calls: Vec<Value> = calls
                 .into_iter()
-                .map(|(name, args)| {
-                    let mut n = shared.next_call.lock().unwrap();
-                    *n += 1;
-                    json!({"id": format!("call_{n}"), "type": "function",
+                .map(|(id, name, args)| {
+                    json!({"id": id, "type": "function",
                            "function": {"name": name, "arguments": args.to_string()}})
                 })
                 .collect();
@@ -145,9 +207,135 @@ async fn complete(
             }))
             .into_response()
         }
+        (reply, true) => {
+            let mut events = vec![(
+                None,
+                chunk(json!({"role": "assistant", "content": null}), Value::Null),
+            )];
+            let finish = match reply {
+                Reply::Text(text) => {
+                    let (a, b) = halves(&text);
+                    events.push((None, chunk(json!({"content": a}), Value::Null)));
+                    events.push((None, chunk(json!({"content": b}), Value::Null)));
+                    "stop"
+                }
+                Reply::Calls(calls) => {
+                    for (index, (id, name, args)) in calls.into_iter().enumerate() {
+                        let (a, b) = halves(&args.to_string());
+                        events.push((
+                            None,
+                            chunk(
+                                json!({"tool_calls": [{"index": index, "id": id, "type": "function",
+                            "function": {"name": name, "arguments": a}}]}),
+                                Value::Null,
+                            ),
+                        ));
+                        events.push((
+                            None,
+                            chunk(
+                                json!({"tool_calls": [{"index": index,
+                            "function": {"arguments": b}}]}),
+                                Value::Null,
+                            ),
+                        ));
+                    }
+                    "tool_calls"
+                }
+                Reply::Failure(..) => unreachable!("failures were answered above"),
+            };
+            events.push((None, chunk(json!({}), json!(finish))));
+            events.push((
+                None,
+                json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
+                                      "choices": [], "usage": usage})
+                .to_string(),
+            ));
+            events.push((None, "[DONE]".to_string()));
+            sse(events)
+        }
     }
 }
 
+async fn messages(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
+    let stream = body["stream"].as_bool().unwrap_or(false);
+    let reply = next_reply(&shared, "/v1/messages", &headers, body).await;
+    let (blocks, stop) = match reply {
+        Reply::Failure(status, body) => return (status, Json(body)).into_response(),
+        Reply::Text(text) => (vec![json!({"type": "text", "text": text})], "end_turn"),
+        Reply::Calls(calls) => (
+            calls
+                .into_iter()
+                .map(|(id, name, args)| json!({"type": "tool_use", "id": id, "name": name, "input": args}))
+                .collect(),
+            "tool_use",
+        ),
+    };
+    if !stream {
+        return Json(json!({
+            "id": "msg_scripted", "type": "message", "role": "assistant", "model": "scripted",
+            "content": blocks, "stop_reason": stop, "stop_sequence": null,
+            "usage": {"input_tokens": 100, "output_tokens": 10}
+        }))
+        .into_response();
+    }
+    let mut events = vec![(
+        Some("message_start"),
+        json!({"type": "message_start", "message": {"id": "msg_scripted", "type": "message",
+               "role": "assistant", "content": [], "model": "scripted",
+               "usage": {"input_tokens": 100, "output_tokens": 1}}}),
+    )];
+    for (index, block) in blocks.into_iter().enumerate() {
+        let (start, deltas) = if block["type"] == "text" {
+            let (a, b) = halves(block["text"].as_str().unwrap_or(""));
+            (
+                json!({"type": "text", "text": ""}),
+                vec![
+                    json!({"type": "text_delta", "text": a}),
+                    json!({"type": "text_delta", "text": b}),
+                ],
+            )
+        } else {
+            let (a, b) = halves(&block["input"].to_string());
+            (
+                json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}),
+                vec![
+                    json!({"type": "input_json_delta", "partial_json": ""}),
+                    json!({"type": "input_json_delta", "partial_json": a}),
+                    json!({"type": "input_json_delta", "partial_json": b}),
+                ],
+            )
+        };
+        events.push((
+            Some("content_block_start"),
+            json!({"type": "content_block_start", "index": index, "content_block": start}),
+        ));
+        for d in deltas {
+            events.push((Some("ping"), json!({"type": "ping"})));
+            events.push((
+                Some("content_block_delta"),
+                json!({"type": "content_block_delta", "index": index, "delta": d}),
+            ));
+        }
+        events.push((
+            Some("content_block_stop"),
+            json!({"type": "content_block_stop", "index": index}),
+        ));
+    }
+    events.push((
+        Some("message_delta"),
+        json!({"type": "message_delta",
+        "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": 10}}),
+    ));
+    events.push((Some("message_stop"), json!({"type": "message_stop"})));
+    sse(events
+        .into_iter()
+        .map(|(n, v)| (n, v.to_string()))
+        .collect())
+}
 fn answer(text: &str, usage: Value) -> Value {
     json!({
         "id": "chatcmpl-scripted", "object": "chat.completion", "model": "scripted",
