@@ -53,6 +53,23 @@ async fn emit(events: &mpsc::Sender<AgentEvent>, event: AgentEvent) {
     let _ = events.send(event).await;
 }
 
+/// Injects a guard's corrective message as a user turn and reports it.
+async fn correct(
+    history: &mut Vec<ChatMessage>,
+    events: &mpsc::Sender<AgentEvent>,
+    warning: String,
+) {
+    emit(
+        events,
+        AgentEvent::ToolLog {
+            tool: "system".into(),
+            log: warning.clone(),
+        },
+    )
+    .await;
+    history.push(ChatMessage::user(warning));
+}
+
 /// Runs one turn on `history`, which already ends with the user's message, appending
 /// everything the model and the tools say.
 pub async fn run_turn(
@@ -76,15 +93,7 @@ pub async fn run_turn(
         .into_iter()
         .flatten()
         {
-            emit(
-                events,
-                AgentEvent::ToolLog {
-                    tool: "system".into(),
-                    log: warning.clone(),
-                },
-            )
-            .await;
-            history.push(ChatMessage::user(warning));
+            correct(history, events, warning).await;
         }
         let response = tokio::select! {
             _ = cancel.cancelled() => return TurnOutcome::Cancelled,
@@ -112,16 +121,7 @@ pub async fn run_turn(
                     tool_calls: vec![],
                 });
             }
-            let warning = guards::truncation_warning(&dropped);
-            emit(
-                events,
-                AgentEvent::ToolLog {
-                    tool: "system".into(),
-                    log: warning.clone(),
-                },
-            )
-            .await;
-            history.push(ChatMessage::user(warning));
+            correct(history, events, guards::truncation_warning(&dropped)).await;
             continue;
         }
         if response.tool_calls.is_empty() {

@@ -5,10 +5,9 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde_json::{Value, json};
 
-use super::openai::error_message;
+use super::transport;
 use super::{ChatModel, ChatResponse, LlmError, ToolSpec, Usage};
 use crate::agent::{ChatMessage, ToolCall};
 use crate::http::http_client;
@@ -232,9 +231,9 @@ pub struct MessageStream {
     usage: Usage,
 }
 
-impl MessageStream {
+impl transport::StreamSink for MessageStream {
     /// Takes one event; Ok(true) at `message_stop`. `ping` and unknown events are ignored.
-    pub fn push(&mut self, data: &str) -> Result<bool, String> {
+    fn push(&mut self, data: &str) -> Result<bool, String> {
         let v: Value = serde_json::from_str(data).map_err(|e| format!("bad event: {e}"))?;
         let index = v["index"].as_u64().unwrap_or(0);
         match v["type"].as_str().unwrap_or("") {
@@ -284,7 +283,9 @@ impl MessageStream {
         }
         Ok(false)
     }
+}
 
+impl MessageStream {
     pub fn finish(self) -> ChatResponse {
         let tool_calls = self
             .blocks
@@ -333,40 +334,14 @@ impl ChatModel for AnthropicClient {
             req = req.header("x-api-key", key);
         }
         let started = Instant::now();
-        let unreachable = |e: reqwest::Error| LlmError::Unreachable {
-            url: self.url.clone(),
-            detail: crate::http::describe_error(&e),
-        };
-        let resp = req.send().await.map_err(unreachable)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = resp.bytes().await.unwrap_or_default();
-            return Err(LlmError::Http {
-                url: self.url.clone(),
-                status: status.as_u16(),
-                message: error_message(&bytes),
-            });
-        }
+        let resp = transport::send(&self.url, req).await?;
         let response = if self.stream {
             let mut stream = MessageStream::default();
-            let mut events = std::pin::pin!(super::sse::events(resp.bytes_stream()));
-            while let Some(event) = events.next().await {
-                match stream.push(&event.map_err(unreachable)?.data) {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    // `overloaded_error` and friends arrive inside a 200 stream.
-                    Err(message) => {
-                        return Err(LlmError::Http {
-                            url: self.url.clone(),
-                            status: 529,
-                            message,
-                        });
-                    }
-                }
-            }
+            // `overloaded_error` and friends arrive inside a 200 stream.
+            transport::read_events(&self.url, resp, &mut stream, 529).await?;
             stream.finish()
         } else {
-            let bytes = resp.bytes().await.map_err(unreachable)?;
+            let bytes = transport::body(&self.url, resp).await?;
             parse_message(&bytes).map_err(|detail| LlmError::InvalidResponse {
                 url: self.url.clone(),
                 detail,
@@ -384,6 +359,7 @@ impl ChatModel for AnthropicClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::transport::StreamSink;
 
     #[test]
     fn history_becomes_alternating_turns_with_tool_blocks() {

@@ -5,6 +5,7 @@ pub mod error;
 pub mod model_ref;
 pub mod openai;
 pub mod sse;
+pub mod transport;
 
 use async_trait::async_trait;
 use serde_json::Value;

@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::transport;
 use super::{ChatModel, ChatResponse, LlmError, ToolSpec, Usage};
 use crate::agent::{ChatMessage, ToolCall};
 use crate::http::http_client;
@@ -226,9 +226,9 @@ pub struct StreamAssembler {
     usage: Usage,
 }
 
-impl StreamAssembler {
+impl transport::StreamSink for StreamAssembler {
     /// Takes one `data:` payload; Ok(true) once the stream says it is done.
-    pub fn push(&mut self, data: &str) -> Result<bool, String> {
+    fn push(&mut self, data: &str) -> Result<bool, String> {
         if data.trim() == "[DONE]" {
             return Ok(true);
         }
@@ -282,7 +282,9 @@ impl StreamAssembler {
         }
         Ok(false)
     }
+}
 
+impl StreamAssembler {
     pub fn finish(self) -> ChatResponse {
         ChatResponse {
             content: Some(self.content).filter(|c| !c.is_empty()),
@@ -338,40 +340,13 @@ impl ChatModel for OpenAiClient {
             req = req.bearer_auth(key);
         }
         let started = Instant::now();
-        let unreachable = |e: reqwest::Error| LlmError::Unreachable {
-            url: self.url.clone(),
-            detail: crate::http::describe_error(&e),
-        };
-        let resp = req.send().await.map_err(unreachable)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let bytes = resp.bytes().await.unwrap_or_default();
-            return Err(LlmError::Http {
-                url: self.url.clone(),
-                status: status.as_u16(),
-                message: error_message(&bytes),
-            });
-        }
+        let resp = transport::send(&self.url, req).await?;
         let response = if self.stream {
             let mut assembler = StreamAssembler::default();
-            let mut events = std::pin::pin!(super::sse::events(resp.bytes_stream()));
-            while let Some(event) = events.next().await {
-                match assembler.push(&event.map_err(unreachable)?.data) {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    // An error inside a 200 stream is the server failing mid-answer.
-                    Err(message) => {
-                        return Err(LlmError::Http {
-                            url: self.url.clone(),
-                            status: 500,
-                            message: crate::text::truncate_chars(&message, ERROR_MESSAGE_MAX_CHARS),
-                        });
-                    }
-                }
-            }
+            transport::read_events(&self.url, resp, &mut assembler, 500).await?;
             assembler.finish()
         } else {
-            let bytes = resp.bytes().await.map_err(unreachable)?;
+            let bytes = transport::body(&self.url, resp).await?;
             parse_response(&bytes).map_err(|detail| LlmError::InvalidResponse {
                 url: self.url.clone(),
                 detail,
@@ -389,6 +364,7 @@ impl ChatModel for OpenAiClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::transport::StreamSink;
 
     #[test]
     fn parses_llama_cpp_tool_call_response() {
