@@ -387,7 +387,7 @@ async fn sandbox_that_cannot_start_fails_with_the_pod_reason() {
         "{}",
         c.message
     );
-    env.wait_for_deletion(env.pods(), "no-image-sandbox", MINUTE)
+    env.wait_for_deletion_requested(env.pods(), "no-image-sandbox", MINUTE)
         .await;
 }
 

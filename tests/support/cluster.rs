@@ -383,6 +383,25 @@ impl E2e {
         }
     }
 
+    /// Waits until the object is gone or its deletion has been requested. For a pod that
+    /// never started (an image that cannot be pulled) the 1.20 kubelet may take minutes to
+    /// finish a deletion the controller asked for at once.
+    pub async fn wait_for_deletion_requested<K>(&self, api: Api<K>, name: &str, timeout: Duration)
+    where
+        K: Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + kube::Resource + 'static,
+    {
+        let deleting = |o: Option<&K>| o.is_none_or(|o| o.meta().deletion_timestamp.is_some());
+        if tokio::time::timeout(timeout, await_condition(api, name, deleting))
+            .await
+            .is_err()
+        {
+            panic!(
+                "nobody deleted {name} within {timeout:?}\ncontroller log:\n{}",
+                self.log_tail()
+            );
+        }
+    }
+
     /// Events recorded on the object named `name`, oldest first.
     pub async fn events_for(&self, name: &str) -> Vec<Event> {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.namespace);
