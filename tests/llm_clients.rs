@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use ml_intern::agent::{ChatMessage, ToolCall};
-use ml_intern::llm::{ChatModel, LlmError, ToolSpec, WireApi, client_for};
+use ml_intern::llm::{ChatModel, LlmError, ModelSettings, ToolSpec, WireApi, client_for};
 use serde_json::{Value, json};
 use support::{ScriptedLlm, Step};
 
@@ -25,16 +25,16 @@ fn bash_spec() -> ToolSpec {
 
 fn client(api: WireApi, base: &str, stream: bool, key: Option<&str>) -> Box<dyn ChatModel> {
     ml_intern::http::install_crypto_provider();
-    client_for(
+    client_for(ModelSettings {
         api,
-        "scripted-model",
-        Some(base),
-        key.map(str::to_string),
-        Duration::from_secs(120),
+        model: "scripted-model",
+        base_url: Some(base),
+        api_key: key.map(str::to_string),
+        timeout: Duration::from_secs(120),
         stream,
-        Some(96),
-        Some(0.0),
-    )
+        max_tokens: Some(96),
+        temperature: Some(0.0),
+    })
 }
 
 fn base_for(llm: &ScriptedLlm, api: WireApi) -> String {

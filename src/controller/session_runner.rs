@@ -18,7 +18,7 @@ use crate::agent::prompt::SYSTEM_PROMPT;
 use crate::agent::{AgentEvent, ChatMessage, TurnConfig, TurnFailure, TurnOutcome, run_turn};
 use crate::api::session::FINAL_RESPONSE_MAX_BYTES;
 use crate::api::{AgentSession, LlmApi, SandboxStatus, SessionPhase, TokenUsage};
-use crate::llm::{WireApi, client_for};
+use crate::llm::{ModelSettings, WireApi, client_for};
 use crate::redact::Redactor;
 use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings};
@@ -142,19 +142,19 @@ impl SessionRun {
             )
             .await;
 
-        let model = client_for(
-            match spec.llm.api {
+        let model = client_for(ModelSettings {
+            api: match spec.llm.api {
                 LlmApi::Openai => WireApi::OpenAiChat,
                 LlmApi::Anthropic => WireApi::AnthropicMessages,
             },
-            &spec.model,
-            spec.llm.base_url.as_deref(),
-            self.api_key.clone(),
-            self.ctx.config.llm_timeout,
-            spec.llm.stream,
-            spec.llm.max_tokens,
-            spec.llm.temperature,
-        );
+            model: &spec.model,
+            base_url: spec.llm.base_url.as_deref(),
+            api_key: self.api_key.clone(),
+            timeout: self.ctx.config.llm_timeout,
+            stream: spec.llm.stream,
+            max_tokens: spec.llm.max_tokens,
+            temperature: spec.llm.temperature,
+        });
 
         let Some(owner) = self.session.controller_owner_ref(&()) else {
             return Some(TurnOutcome::Failed(TurnFailure::Tool(

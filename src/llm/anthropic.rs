@@ -2,7 +2,7 @@
 //! Tool results go back as `tool_result` blocks in a user turn; finish reasons are mapped
 //! to the OpenAI names the loop uses (`tool_calls`, `length`, `stop`).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -232,6 +232,36 @@ pub struct MessageStream {
 }
 
 impl transport::StreamSink for MessageStream {
+    fn finish(self) -> ChatResponse {
+        let tool_calls = self
+            .blocks
+            .into_iter()
+            .filter_map(|(i, b)| match b {
+                Block::ToolUse { id, name, json } => Some(ToolCall {
+                    id: if id.is_empty() {
+                        format!("toolu_{i}")
+                    } else {
+                        id
+                    },
+                    name,
+                    // A call without input deltas had an empty input.
+                    arguments: if json.trim().is_empty() {
+                        "{}".into()
+                    } else {
+                        json
+                    },
+                }),
+                _ => None,
+            })
+            .collect();
+        ChatResponse {
+            content: Some(self.text).filter(|t| !t.is_empty()),
+            tool_calls,
+            finish_reason: self.finish_reason,
+            usage: self.usage,
+        }
+    }
+
     /// Takes one event; Ok(true) at `message_stop`. `ping` and unknown events are ignored.
     fn push(&mut self, data: &str) -> Result<bool, String> {
         let v: Value = serde_json::from_str(data).map_err(|e| format!("bad event: {e}"))?;
@@ -285,38 +315,6 @@ impl transport::StreamSink for MessageStream {
     }
 }
 
-impl MessageStream {
-    pub fn finish(self) -> ChatResponse {
-        let tool_calls = self
-            .blocks
-            .into_iter()
-            .filter_map(|(i, b)| match b {
-                Block::ToolUse { id, name, json } => Some(ToolCall {
-                    id: if id.is_empty() {
-                        format!("toolu_{i}")
-                    } else {
-                        id
-                    },
-                    name,
-                    // A call without input deltas had an empty input.
-                    arguments: if json.trim().is_empty() {
-                        "{}".into()
-                    } else {
-                        json
-                    },
-                }),
-                _ => None,
-            })
-            .collect();
-        ChatResponse {
-            content: Some(self.text).filter(|t| !t.is_empty()),
-            tool_calls,
-            finish_reason: self.finish_reason,
-            usage: self.usage,
-        }
-    }
-}
-
 #[async_trait]
 impl ChatModel for AnthropicClient {
     async fn complete(
@@ -333,26 +331,8 @@ impl ChatModel for AnthropicClient {
         if let Some(key) = &self.api_key {
             req = req.header("x-api-key", key);
         }
-        let started = Instant::now();
-        let resp = transport::send(&self.url, req).await?;
-        let response = if self.stream {
-            let mut stream = MessageStream::default();
-            // `overloaded_error` and friends arrive inside a 200 stream.
-            transport::read_events(&self.url, resp, &mut stream, 529).await?;
-            stream.finish()
-        } else {
-            let bytes = transport::body(&self.url, resp).await?;
-            parse_message(&bytes).map_err(|detail| LlmError::InvalidResponse {
-                url: self.url.clone(),
-                detail,
-            })?
-        };
-        tracing::debug!(
-            latency_ms = started.elapsed().as_millis() as u64,
-            stream = self.stream,
-            "model call"
-        );
-        Ok(response)
+        // `overloaded_error` and friends arrive inside a 200 stream.
+        transport::exchange::<MessageStream>(&self.url, req, self.stream, 529, parse_message).await
     }
 }
 

@@ -41,29 +41,33 @@ pub struct ChatResponse {
     pub usage: Usage,
 }
 
-/// A client for `api` at `base_url` (or the API's default endpoint), sending `model`.
-#[allow(clippy::too_many_arguments)]
-pub fn client_for(
-    api: WireApi,
-    model: &str,
-    base_url: Option<&str>,
-    api_key: Option<String>,
-    timeout: std::time::Duration,
-    stream: bool,
-    max_tokens: Option<u32>,
-    temperature: Option<f64>,
-) -> Box<dyn ChatModel> {
-    let resolved = resolve_model(model, base_url, api);
-    match api {
+/// Everything that picks and configures a model client.
+#[derive(Clone, Debug)]
+pub struct ModelSettings<'a> {
+    pub api: WireApi,
+    pub model: &'a str,
+    /// The API's default endpoint when None.
+    pub base_url: Option<&'a str>,
+    pub api_key: Option<String>,
+    pub timeout: std::time::Duration,
+    pub stream: bool,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f64>,
+}
+
+/// A client for the settings' protocol and endpoint.
+pub fn client_for(s: ModelSettings<'_>) -> Box<dyn ChatModel> {
+    let resolved = resolve_model(s.model, s.base_url, s.api);
+    match s.api {
         WireApi::OpenAiChat => Box::new(
-            OpenAiClient::new(&resolved.base_url, resolved.model_id, api_key, timeout)
-                .with_sampling(max_tokens, temperature)
-                .streaming(stream),
+            OpenAiClient::new(&resolved.base_url, resolved.model_id, s.api_key, s.timeout)
+                .with_sampling(s.max_tokens, s.temperature)
+                .streaming(s.stream),
         ),
         WireApi::AnthropicMessages => Box::new(
-            AnthropicClient::new(&resolved.base_url, resolved.model_id, api_key, timeout)
-                .with_sampling(max_tokens, temperature)
-                .streaming(stream),
+            AnthropicClient::new(&resolved.base_url, resolved.model_id, s.api_key, s.timeout)
+                .with_sampling(s.max_tokens, s.temperature)
+                .streaming(s.stream),
         ),
     }
 }

@@ -2,7 +2,7 @@
 //! TGI, Ollama, llama.cpp). Response types are lenient: servers differ in which fields they
 //! fill, and a missing optional field must never fail a session.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -12,9 +12,6 @@ use super::transport;
 use super::{ChatModel, ChatResponse, LlmError, ToolSpec, Usage};
 use crate::agent::{ChatMessage, ToolCall};
 use crate::http::http_client;
-
-/// Longest error body kept in a message; provider errors can be whole HTML pages.
-const ERROR_MESSAGE_MAX_CHARS: usize = 500;
 
 #[derive(Clone)]
 pub struct OpenAiClient {
@@ -227,6 +224,27 @@ pub struct StreamAssembler {
 }
 
 impl transport::StreamSink for StreamAssembler {
+    fn finish(self) -> ChatResponse {
+        ChatResponse {
+            content: Some(self.content).filter(|c| !c.is_empty()),
+            tool_calls: self
+                .calls
+                .into_iter()
+                .map(|(index, (id, name, arguments))| ToolCall {
+                    id: if id.is_empty() {
+                        format!("call_{index}")
+                    } else {
+                        id
+                    },
+                    name,
+                    arguments,
+                })
+                .collect(),
+            finish_reason: self.finish_reason,
+            usage: self.usage,
+        }
+    }
+
     /// Takes one `data:` payload; Ok(true) once the stream says it is done.
     fn push(&mut self, data: &str) -> Result<bool, String> {
         if data.trim() == "[DONE]" {
@@ -284,49 +302,6 @@ impl transport::StreamSink for StreamAssembler {
     }
 }
 
-impl StreamAssembler {
-    pub fn finish(self) -> ChatResponse {
-        ChatResponse {
-            content: Some(self.content).filter(|c| !c.is_empty()),
-            tool_calls: self
-                .calls
-                .into_iter()
-                .map(|(index, (id, name, arguments))| ToolCall {
-                    id: if id.is_empty() {
-                        format!("call_{index}")
-                    } else {
-                        id
-                    },
-                    name,
-                    arguments,
-                })
-                .collect(),
-            finish_reason: self.finish_reason,
-            usage: self.usage,
-        }
-    }
-}
-
-/// The human part of an error body: `{"error":{"message":…}}`, `{"error":"…"}`,
-/// `{"message":…}`, or the text itself, cut short.
-pub fn error_message(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let from_json = serde_json::from_str::<Value>(&text).ok().and_then(|v| {
-        let e = v.get("error").unwrap_or(&v);
-        e.get("message")
-            .and_then(Value::as_str)
-            .or_else(|| e.as_str())
-            .map(str::to_string)
-    });
-    let msg = from_json.unwrap_or_else(|| text.trim().to_string());
-    let msg = if msg.is_empty() {
-        "(empty body)".to_string()
-    } else {
-        msg
-    };
-    crate::text::truncate_chars(&msg, ERROR_MESSAGE_MAX_CHARS)
-}
-
 #[async_trait]
 impl ChatModel for OpenAiClient {
     async fn complete(
@@ -339,25 +314,8 @@ impl ChatModel for OpenAiClient {
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
         }
-        let started = Instant::now();
-        let resp = transport::send(&self.url, req).await?;
-        let response = if self.stream {
-            let mut assembler = StreamAssembler::default();
-            transport::read_events(&self.url, resp, &mut assembler, 500).await?;
-            assembler.finish()
-        } else {
-            let bytes = transport::body(&self.url, resp).await?;
-            parse_response(&bytes).map_err(|detail| LlmError::InvalidResponse {
-                url: self.url.clone(),
-                detail,
-            })?
-        };
-        tracing::debug!(
-            latency_ms = started.elapsed().as_millis() as u64,
-            stream = self.stream,
-            "model call"
-        );
-        Ok(response)
+        transport::exchange::<StreamAssembler>(&self.url, req, self.stream, 500, parse_response)
+            .await
     }
 }
 
@@ -433,21 +391,6 @@ mod tests {
     fn a_body_without_choices_is_an_error() {
         assert!(parse_response(br#"{"object":"chat.completion"}"#).is_err());
         assert!(parse_response(b"<html>oops</html>").is_err());
-    }
-
-    #[test]
-    fn error_messages_come_from_every_common_shape() {
-        assert_eq!(
-            error_message(br#"{"error":{"message":"Invalid API Key","type":"authentication_error","code":401}}"#),
-            "Invalid API Key"
-        );
-        assert_eq!(
-            error_message(br#"{"error":"model not found"}"#),
-            "model not found"
-        );
-        assert_eq!(error_message(b"Bad Gateway"), "Bad Gateway");
-        assert_eq!(error_message(b""), "(empty body)");
-        assert!(error_message("x".repeat(5000).as_bytes()).chars().count() <= 520);
     }
 
     #[test]

@@ -141,10 +141,6 @@ impl SandboxPod {
         }
     }
 
-    pub fn pod_name(&self) -> &str {
-        &self.name
-    }
-
     /// Creates the pod unless it exists, then waits until it runs. Parallel callers wait
     /// for the same pod.
     async fn ensure_ready(&self) -> Result<(), ToolFailure> {

@@ -371,16 +371,8 @@ impl E2e {
     where
         K: Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + kube::Resource + 'static,
     {
-        let gone = |o: Option<&K>| o.is_none();
-        if tokio::time::timeout(timeout, await_condition(api, name, gone))
-            .await
-            .is_err()
-        {
-            panic!(
-                "{name} still exists after {timeout:?}\ncontroller log:\n{}",
-                self.log_tail()
-            );
-        }
+        self.wait_for_object(api, name, timeout, "gone", |o: Option<&K>| o.is_none())
+            .await;
     }
 
     /// Waits until the object is gone or its deletion has been requested. For a pod that
@@ -391,12 +383,26 @@ impl E2e {
         K: Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + kube::Resource + 'static,
     {
         let deleting = |o: Option<&K>| o.is_none_or(|o| o.meta().deletion_timestamp.is_some());
-        if tokio::time::timeout(timeout, await_condition(api, name, deleting))
+        self.wait_for_object(api, name, timeout, "being deleted", deleting)
+            .await;
+    }
+
+    async fn wait_for_object<K>(
+        &self,
+        api: Api<K>,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(Option<&K>) -> bool,
+    ) where
+        K: Clone + std::fmt::Debug + Send + serde::de::DeserializeOwned + kube::Resource + 'static,
+    {
+        if tokio::time::timeout(timeout, await_condition(api, name, cond))
             .await
             .is_err()
         {
             panic!(
-                "nobody deleted {name} within {timeout:?}\ncontroller log:\n{}",
+                "{name} was still not {what} after {timeout:?}\ncontroller log:\n{}",
                 self.log_tail()
             );
         }
