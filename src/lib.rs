@@ -12,5 +12,6 @@ pub mod llm;
 pub mod redact;
 pub mod runtime;
 pub mod server;
+pub mod store;
 pub mod text;
 pub mod tools;

@@ -23,6 +23,17 @@ struct Cli {
 enum Command {
     /// Run the AgentSession controller against the cluster in KUBECONFIG or in-cluster.
     Controller(ControllerArgs),
+    /// Print a session's stored transcript as JSON lines (messages, turns and events).
+    Transcript {
+        /// Name of the AgentSession.
+        session: String,
+        /// Its namespace; the kubeconfig's namespace when unset.
+        #[arg(long, short)]
+        namespace: Option<String>,
+        /// Only the conversation's messages, as the model last saw them.
+        #[arg(long)]
+        messages: bool,
+    },
     /// Write the CRD manifests into a directory.
     Crdgen {
         /// Directory to write to.
@@ -66,11 +77,46 @@ async fn main() {
     let result = match cli.command {
         Command::Controller(args) => run_controller(args).await,
         Command::Crdgen { out_dir } => crdgen(&out_dir),
+        Command::Transcript {
+            session,
+            namespace,
+            messages,
+        } => print_transcript(&session, namespace, messages).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+async fn print_transcript(
+    session: &str,
+    namespace: Option<String>,
+    messages_only: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use kube::ResourceExt;
+    use std::io::Write;
+    ml_intern::http::install_crypto_provider();
+    let client = kube::Client::try_default().await?;
+    let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    let sessions: kube::Api<ml_intern::api::AgentSession> =
+        kube::Api::namespaced(client.clone(), &namespace);
+    let object = sessions.get(session).await?;
+    let uid = object.uid().unwrap_or_default();
+    let configmaps = kube::Api::namespaced(client, &namespace);
+    let records =
+        ml_intern::store::configmap_log::read_transcript(&configmaps, session, &uid).await?;
+    let mut out = std::io::stdout().lock();
+    if messages_only {
+        for m in ml_intern::store::replay(&records).history {
+            writeln!(out, "{}", serde_json::to_string(&m)?)?;
+        }
+    } else {
+        for r in &records {
+            writeln!(out, "{}", serde_json::to_string(r)?)?;
+        }
+    }
+    Ok(())
 }
 
 fn crdgen(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {

@@ -1,11 +1,14 @@
 //! What a turn reports while it runs, named after ml-intern's event types. The controller
 //! turns them into status updates and Kubernetes Events.
 
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::llm::Usage;
 
-#[derive(Clone, Debug, PartialEq)]
+/// Serialized with ml-intern's `event_type` names, as they are stored in the transcript.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event_type", rename_all = "snake_case")]
 pub enum AgentEvent {
     /// A turn started working on user input.
     Processing,
@@ -40,4 +43,9 @@ pub enum AgentEvent {
     },
     /// The turn ended with the model's answer.
     TurnComplete { final_response: String },
+    /// The turn was stopped from outside (suspend, deletion) or by a restart; tool calls
+    /// that were running are reported to the model as interrupted.
+    Interrupted { reason: String },
+    /// The turn ended without an answer.
+    Error { reason: String, message: String },
 }

@@ -195,6 +195,16 @@ pub fn truncation_warning(dropped: &[String]) -> String {
 /// history is valid for providers that reject unanswered calls (an interrupted turn leaves
 /// such calls behind). Returns how many stubs were added.
 pub fn repair_dangling_calls(history: &mut Vec<ChatMessage>) -> usize {
+    answer_dangling_calls(history, NOT_EXECUTED)
+}
+
+/// What a call that was running when its turn was stopped (suspend, restart) answers.
+pub const INTERRUPTED: &str = "Tool call interrupted before it finished: the session was \
+suspended or its controller restarted, and its processes were killed. It may have partly \
+run; check its effects before running it again.";
+
+/// Gives every tool call without a result the result `text`; returns how many it answered.
+pub fn answer_dangling_calls(history: &mut Vec<ChatMessage>, text: &str) -> usize {
     let mut added = 0;
     let mut i = 0;
     while i < history.len() {
@@ -224,7 +234,7 @@ pub fn repair_dangling_calls(history: &mut Vec<ChatMessage>) -> usize {
                     ChatMessage::Tool {
                         tool_call_id: id,
                         name,
-                        content: NOT_EXECUTED.into(),
+                        content: text.into(),
                     },
                 );
                 end += 1;

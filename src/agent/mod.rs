@@ -4,10 +4,12 @@
 
 pub mod event;
 pub mod guards;
+pub mod journal;
 pub mod message;
 pub mod prompt;
 pub mod turn;
 
 pub use event::AgentEvent;
+pub use journal::{Journal, JournalError, NoJournal};
 pub use message::{ChatMessage, ToolCall};
-pub use turn::{TurnConfig, TurnFailure, TurnOutcome, run_turn};
+pub use turn::{Turn, TurnConfig, TurnFailure, TurnOutcome};

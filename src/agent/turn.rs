@@ -8,6 +8,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::journal::{Journal, JournalError};
 use super::{AgentEvent, ChatMessage, ToolCall, guards};
 use crate::llm::{ChatModel, ChatResponse, LlmError};
 use crate::tools::{ToolFailure, ToolOutput, ToolRouter};
@@ -46,6 +47,14 @@ pub enum TurnOutcome {
 pub enum TurnFailure {
     Llm(LlmError),
     Tool(ToolFailure),
+    /// The journal could not record the conversation, so the turn cannot go on safely.
+    Journal(JournalError),
+}
+
+impl From<JournalError> for TurnFailure {
+    fn from(e: JournalError) -> Self {
+        TurnFailure::Journal(e)
+    }
 }
 
 async fn emit(events: &mpsc::Sender<AgentEvent>, event: AgentEvent) {
@@ -53,146 +62,235 @@ async fn emit(events: &mpsc::Sender<AgentEvent>, event: AgentEvent) {
     let _ = events.send(event).await;
 }
 
-/// Injects a guard's corrective message as a user turn and reports it.
-async fn correct(
-    history: &mut Vec<ChatMessage>,
-    events: &mpsc::Sender<AgentEvent>,
-    warning: String,
-) {
-    emit(
-        events,
-        AgentEvent::ToolLog {
-            tool: "system".into(),
-            log: warning.clone(),
-        },
-    )
-    .await;
-    history.push(ChatMessage::user(warning));
+/// Everything a turn works with besides the conversation itself.
+pub struct Turn<'a> {
+    pub model: &'a dyn ChatModel,
+    pub tools: &'a ToolRouter,
+    pub journal: &'a dyn Journal,
+    pub events: &'a mpsc::Sender<AgentEvent>,
+    pub config: &'a TurnConfig,
 }
 
-/// Runs one turn on `history`, which already ends with the user's message, appending
-/// everything the model and the tools say.
-pub async fn run_turn(
-    model: &dyn ChatModel,
-    tools: &ToolRouter,
-    history: &mut Vec<ChatMessage>,
-    config: &TurnConfig,
-    events: &mpsc::Sender<AgentEvent>,
-    cancel: &CancellationToken,
-) -> TurnOutcome {
-    emit(events, AgentEvent::Processing).await;
-    let specs = tools.specs();
-    let mut iterations = 0;
-    while iterations < config.max_iterations {
-        iterations += 1;
-        guards::repair_dangling_calls(history);
-        for warning in [
-            guards::repetition_warning(history),
-            guards::malformed_streak_warning(history),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            correct(history, events, warning).await;
-        }
-        let response = tokio::select! {
-            _ = cancel.cancelled() => return TurnOutcome::Cancelled,
-            r = call_with_retries(model, history, &specs, config, events) => r,
-        };
-        let response = match response {
-            Ok(r) => r,
-            Err(e) => return TurnOutcome::Failed(TurnFailure::Llm(e)),
-        };
-        if let Some(text) = &response.content {
-            emit(
-                events,
-                AgentEvent::AssistantMessage {
-                    content: text.clone(),
-                },
-            )
-            .await;
-        }
-        if response.finish_reason.as_deref() == Some("length") && !response.tool_calls.is_empty() {
-            // Calls cut off mid-generation may carry half-written arguments; none of them run.
-            let dropped: Vec<String> = response.tool_calls.iter().map(|c| c.name.clone()).collect();
-            if let Some(text) = response.content {
-                history.push(ChatMessage::Assistant {
-                    content: Some(text),
-                    tool_calls: vec![],
-                });
-            }
-            correct(history, events, guards::truncation_warning(&dropped)).await;
-            continue;
-        }
-        if response.tool_calls.is_empty() {
-            let final_response = response.content.unwrap_or_default();
-            history.push(ChatMessage::Assistant {
-                content: Some(final_response.clone()),
-                tool_calls: vec![],
-            });
-            emit(
-                events,
-                AgentEvent::TurnComplete {
-                    final_response: final_response.clone(),
-                },
-            )
-            .await;
-            return TurnOutcome::Completed { final_response };
-        }
-
-        let calls = parse_calls(response.tool_calls);
-        history.push(ChatMessage::Assistant {
-            content: response.content,
-            tool_calls: calls.iter().map(|c| c.stored.clone()).collect(),
-        });
-        for c in &calls {
-            emit(
-                events,
-                AgentEvent::ToolCall {
-                    tool_call_id: c.stored.id.clone(),
-                    tool: c.stored.name.clone(),
-                    arguments: c
-                        .arguments
-                        .clone()
-                        .unwrap_or(Value::Object(Default::default())),
-                },
-            )
-            .await;
-        }
-        let runs = calls.iter().map(|c| async move {
-            match &c.arguments {
-                Some(args) => tools.call(&c.stored.name, args.clone()).await,
-                None => Ok(ToolOutput::error(guards::malformed_result(&c.stored.name))),
-            }
-        });
-        let results = tokio::select! {
-            _ = cancel.cancelled() => return TurnOutcome::Cancelled,
-            r = join_all(runs) => r,
-        };
-        // Results go back in the order the model asked, whatever order they finished in.
-        for (call, result) in calls.iter().zip(results) {
-            let output = match result {
-                Ok(o) => o,
-                Err(failure) => return TurnOutcome::Failed(TurnFailure::Tool(failure)),
-            };
-            emit(
-                events,
-                AgentEvent::ToolOutput {
-                    tool_call_id: call.stored.id.clone(),
-                    tool: call.stored.name.clone(),
-                    output: output.content.clone(),
-                    success: output.success,
-                },
-            )
-            .await;
-            history.push(ChatMessage::Tool {
-                tool_call_id: call.stored.id.clone(),
-                name: call.stored.name.clone(),
-                content: output.content,
-            });
+impl Turn<'_> {
+    /// Runs one turn on `history`, which already ends with the user's message (or is an
+    /// interrupted turn being resumed), appending everything the model and the tools say.
+    /// `history` is durable in the journal up to its current length.
+    pub async fn run(
+        &self,
+        history: &mut Vec<ChatMessage>,
+        cancel: &CancellationToken,
+    ) -> TurnOutcome {
+        match self.run_inner(history, cancel).await {
+            Ok(outcome) | Err(outcome) => outcome,
         }
     }
-    TurnOutcome::MaxIterationsReached { iterations }
+
+    async fn run_inner(
+        &self,
+        history: &mut Vec<ChatMessage>,
+        cancel: &CancellationToken,
+    ) -> Result<TurnOutcome, TurnOutcome> {
+        let failed = |e: JournalError| TurnOutcome::Failed(TurnFailure::Journal(e));
+        emit(self.events, AgentEvent::Processing).await;
+        let specs = self.tools.specs();
+        let mut saved = history.len();
+        let mut iterations = 0;
+        while iterations < self.config.max_iterations {
+            iterations += 1;
+            if guards::repair_dangling_calls(history) > 0 {
+                self.journal.replace(history).await.map_err(failed)?;
+                saved = history.len();
+            }
+            for warning in [
+                guards::repetition_warning(history),
+                guards::malformed_streak_warning(history),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                self.correct(history, warning).await;
+            }
+            let response = tokio::select! {
+                _ = cancel.cancelled() => return Ok(TurnOutcome::Cancelled),
+                r = self.call_with_retries(history, &specs) => r,
+            };
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => return Ok(TurnOutcome::Failed(TurnFailure::Llm(e))),
+            };
+            if let Some(text) = &response.content {
+                emit(
+                    self.events,
+                    AgentEvent::AssistantMessage {
+                        content: text.clone(),
+                    },
+                )
+                .await;
+            }
+            if response.finish_reason.as_deref() == Some("length")
+                && !response.tool_calls.is_empty()
+            {
+                // Calls cut off mid-generation may carry half-written arguments; none of them
+                // run.
+                let dropped: Vec<String> =
+                    response.tool_calls.iter().map(|c| c.name.clone()).collect();
+                if let Some(text) = response.content {
+                    history.push(ChatMessage::Assistant {
+                        content: Some(text),
+                        tool_calls: vec![],
+                    });
+                }
+                self.correct(history, guards::truncation_warning(&dropped))
+                    .await;
+                continue;
+            }
+            if response.tool_calls.is_empty() {
+                let final_response = response.content.unwrap_or_default();
+                history.push(ChatMessage::Assistant {
+                    content: Some(final_response.clone()),
+                    tool_calls: vec![],
+                });
+                self.save(history, &mut saved).await.map_err(failed)?;
+                emit(
+                    self.events,
+                    AgentEvent::TurnComplete {
+                        final_response: final_response.clone(),
+                    },
+                )
+                .await;
+                return Ok(TurnOutcome::Completed { final_response });
+            }
+
+            let calls = parse_calls(response.tool_calls);
+            history.push(ChatMessage::Assistant {
+                content: response.content,
+                tool_calls: calls.iter().map(|c| c.stored.clone()).collect(),
+            });
+            // The calls are on record before any of them runs.
+            self.save(history, &mut saved).await.map_err(failed)?;
+            for c in &calls {
+                emit(
+                    self.events,
+                    AgentEvent::ToolCall {
+                        tool_call_id: c.stored.id.clone(),
+                        tool: c.stored.name.clone(),
+                        arguments: c
+                            .arguments
+                            .clone()
+                            .unwrap_or(Value::Object(Default::default())),
+                    },
+                )
+                .await;
+            }
+            let runs = calls.iter().map(|c| self.run_call(c));
+            let results = tokio::select! {
+                _ = cancel.cancelled() => return Ok(TurnOutcome::Cancelled),
+                r = join_all(runs) => r,
+            };
+            // Results go back in the order the model asked, whatever order they finished in.
+            for result in results {
+                match result {
+                    Ok(message) => history.push(message),
+                    Err(failure) => return Ok(TurnOutcome::Failed(failure)),
+                }
+            }
+            saved = history.len();
+        }
+        self.save(history, &mut saved).await.map_err(failed)?;
+        Ok(TurnOutcome::MaxIterationsReached { iterations })
+    }
+
+    /// Runs one call and records its result as soon as it exists.
+    async fn run_call(&self, call: &ParsedCall) -> Result<ChatMessage, TurnFailure> {
+        let output = match &call.arguments {
+            Some(args) => self
+                .tools
+                .call(&call.stored.name, args.clone())
+                .await
+                .map_err(TurnFailure::Tool)?,
+            None => ToolOutput::error(guards::malformed_result(&call.stored.name)),
+        };
+        let message = ChatMessage::Tool {
+            tool_call_id: call.stored.id.clone(),
+            name: call.stored.name.clone(),
+            content: output.content.clone(),
+        };
+        self.journal.append(std::slice::from_ref(&message)).await?;
+        emit(
+            self.events,
+            AgentEvent::ToolOutput {
+                tool_call_id: call.stored.id.clone(),
+                tool: call.stored.name.clone(),
+                output: output.content,
+                success: output.success,
+            },
+        )
+        .await;
+        Ok(message)
+    }
+
+    /// Records what the history gained since the last save.
+    async fn save(&self, history: &[ChatMessage], saved: &mut usize) -> Result<(), JournalError> {
+        if *saved < history.len() {
+            self.journal.append(&history[*saved..]).await?;
+            *saved = history.len();
+        }
+        Ok(())
+    }
+
+    /// Injects a guard's corrective message as a user turn and reports it.
+    async fn correct(&self, history: &mut Vec<ChatMessage>, warning: String) {
+        emit(
+            self.events,
+            AgentEvent::ToolLog {
+                tool: "system".into(),
+                log: warning.clone(),
+            },
+        )
+        .await;
+        history.push(ChatMessage::user(warning));
+    }
+
+    async fn call_with_retries(
+        &self,
+        history: &[ChatMessage],
+        specs: &[crate::llm::ToolSpec],
+    ) -> Result<ChatResponse, LlmError> {
+        let mut delays = self.config.llm_retry_delays.iter();
+        loop {
+            let started = Instant::now();
+            match self.model.complete(history, specs).await {
+                Ok(r) => {
+                    emit(
+                        self.events,
+                        AgentEvent::LlmCall {
+                            usage: r.usage,
+                            finish_reason: r.finish_reason.clone(),
+                            latency_ms: started.elapsed().as_millis() as u64,
+                        },
+                    )
+                    .await;
+                    return Ok(r);
+                }
+                Err(e) if e.is_retryable() => match delays.next() {
+                    Some(delay) => {
+                        emit(
+                            self.events,
+                            AgentEvent::LlmRetry {
+                                message: e.to_string(),
+                                delay_secs: delay.as_secs_f32(),
+                                rate_limited: matches!(e, LlmError::Http { status: 429, .. }),
+                            },
+                        )
+                        .await;
+                        tokio::time::sleep(*delay).await;
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 struct ParsedCall {
@@ -227,52 +325,10 @@ fn parse_calls(calls: Vec<ToolCall>) -> Vec<ParsedCall> {
         .collect()
 }
 
-async fn call_with_retries(
-    model: &dyn ChatModel,
-    history: &[ChatMessage],
-    specs: &[crate::llm::ToolSpec],
-    config: &TurnConfig,
-    events: &mpsc::Sender<AgentEvent>,
-) -> Result<ChatResponse, LlmError> {
-    let mut delays = config.llm_retry_delays.iter();
-    loop {
-        let started = Instant::now();
-        match model.complete(history, specs).await {
-            Ok(r) => {
-                emit(
-                    events,
-                    AgentEvent::LlmCall {
-                        usage: r.usage,
-                        finish_reason: r.finish_reason.clone(),
-                        latency_ms: started.elapsed().as_millis() as u64,
-                    },
-                )
-                .await;
-                return Ok(r);
-            }
-            Err(e) if e.is_retryable() => match delays.next() {
-                Some(delay) => {
-                    emit(
-                        events,
-                        AgentEvent::LlmRetry {
-                            message: e.to_string(),
-                            delay_secs: delay.as_secs_f32(),
-                            rate_limited: matches!(e, LlmError::Http { status: 429, .. }),
-                        },
-                    )
-                    .await;
-                    tokio::time::sleep(*delay).await;
-                }
-                None => return Err(e),
-            },
-            Err(e) => return Err(e),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::NoJournal;
     use crate::llm::{ToolSpec, Usage};
     use crate::tools::Tool;
     use async_trait::async_trait;
@@ -389,15 +445,14 @@ mod tests {
     ) -> (TurnOutcome, Vec<ChatMessage>, Vec<AgentEvent>) {
         let (tx, mut rx) = mpsc::channel(1000);
         let mut history = vec![ChatMessage::system("s"), ChatMessage::user("task")];
-        let outcome = run_turn(
+        let turn = Turn {
             model,
             tools,
-            &mut history,
-            &config,
-            &tx,
-            &CancellationToken::new(),
-        )
-        .await;
+            journal: &NoJournal,
+            events: &tx,
+            config: &config,
+        };
+        let outcome = turn.run(&mut history, &CancellationToken::new()).await;
         drop(tx);
         let mut events = vec![];
         while let Some(e) = rx.recv().await {
@@ -438,17 +493,13 @@ mod tests {
         assert_eq!(tool_msgs, vec![("a", "first"), ("b", "second")]);
         // The second request carried both results.
         assert_eq!(model.seen.lock().unwrap()[1].len(), 5);
-        let kinds: Vec<&str> = events
+        let kinds: Vec<String> = events
             .iter()
-            .map(|e| match e {
-                AgentEvent::Processing => "processing",
-                AgentEvent::LlmCall { .. } => "llm_call",
-                AgentEvent::AssistantMessage { .. } => "assistant_message",
-                AgentEvent::ToolCall { .. } => "tool_call",
-                AgentEvent::ToolOutput { .. } => "tool_output",
-                AgentEvent::ToolLog { .. } => "tool_log",
-                AgentEvent::LlmRetry { .. } => "llm_retry",
-                AgentEvent::TurnComplete { .. } => "turn_complete",
+            .map(|e| {
+                serde_json::to_value(e).unwrap()["event_type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
             })
             .collect();
         assert_eq!(
@@ -646,19 +697,114 @@ mod tests {
             c.cancel();
         });
         let mut history = vec![ChatMessage::user("task")];
-        let outcome = tokio::time::timeout(
-            Duration::from_secs(5),
-            run_turn(
-                &model,
-                &tools,
-                &mut history,
-                &TurnConfig::default(),
-                &tx,
-                &cancel,
-            ),
-        )
-        .await
-        .expect("cancellation ends the turn promptly");
+        let turn = Turn {
+            model: &model,
+            tools: &tools,
+            journal: &NoJournal,
+            events: &tx,
+            config: &TurnConfig::default(),
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(5), turn.run(&mut history, &cancel))
+            .await
+            .expect("cancellation ends the turn promptly");
         assert_eq!(outcome, TurnOutcome::Cancelled);
+    }
+
+    /// Records what reached the journal, and lets a tool see what was on record when it ran.
+    #[derive(Default)]
+    struct RecordingJournal {
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[async_trait]
+    impl Journal for RecordingJournal {
+        async fn append(&self, messages: &[ChatMessage]) -> Result<(), JournalError> {
+            let mut log = self.log.lock().unwrap();
+            for m in messages {
+                log.push(match m {
+                    ChatMessage::Assistant { tool_calls, .. } if !tool_calls.is_empty() => {
+                        format!("calls {}", tool_calls.len())
+                    }
+                    ChatMessage::Assistant { content, .. } => {
+                        format!("answer {}", content.clone().unwrap_or_default())
+                    }
+                    ChatMessage::Tool { tool_call_id, .. } => format!("result {tool_call_id}"),
+                    other => format!("{other:?}"),
+                });
+            }
+            Ok(())
+        }
+        async fn replace(&self, _: &[ChatMessage]) -> Result<(), JournalError> {
+            self.log.lock().unwrap().push("replace".into());
+            Ok(())
+        }
+    }
+
+    struct Witness {
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    #[async_trait]
+    impl Tool for Witness {
+        fn spec(&self) -> ToolSpec {
+            ToolSpec {
+                name: "witness".into(),
+                description: "".into(),
+                parameters: json!({"type": "object"}),
+            }
+        }
+        async fn call(&self, arguments: Value) -> Result<ToolOutput, ToolFailure> {
+            let ms = arguments["ms"].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            self.log.lock().unwrap().push(format!("ran {ms}"));
+            Ok(ToolOutput::ok("ok"))
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_are_journaled_before_they_run_and_results_as_they_finish() {
+        let journal = RecordingJournal::default();
+        let mut tools = ToolRouter::new();
+        tools.register(Arc::new(Witness {
+            log: journal.log.clone(),
+        }));
+        let model = Script::new(vec![
+            Ok(calls(&[
+                ("slow", "witness", r#"{"ms":80}"#),
+                ("fast", "witness", r#"{"ms":1}"#),
+            ])),
+            Ok(answer("done")),
+        ]);
+        let (tx, _rx) = mpsc::channel(100);
+        let mut history = vec![ChatMessage::user("task")];
+        let turn = Turn {
+            model: &model,
+            tools: &tools,
+            journal: &journal,
+            events: &tx,
+            config: &TurnConfig::default(),
+        };
+        let outcome = turn.run(&mut history, &CancellationToken::new()).await;
+        assert!(matches!(outcome, TurnOutcome::Completed { .. }));
+        assert_eq!(
+            *journal.log.lock().unwrap(),
+            vec![
+                "calls 2",
+                "ran 1",
+                "result fast",
+                "ran 80",
+                "result slow",
+                "answer done"
+            ]
+        );
+        // The history still has the results in call order.
+        let ids: Vec<_> = history
+            .iter()
+            .filter_map(|m| match m {
+                ChatMessage::Tool { tool_call_id, .. } => Some(tool_call_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, vec!["slow", "fast"]);
     }
 }

@@ -4,7 +4,7 @@ pub mod session;
 
 pub use session::{
     AgentSession, AgentSessionSpec, AgentSessionStatus, LlmApi, LlmSpec, SandboxSpec,
-    SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage,
+    SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage, TranscriptStatus,
 };
 
 /// API group of every resource this operator defines.

@@ -32,9 +32,22 @@ pub const FINAL_RESPONSE_MAX_BYTES: usize = 16 * 1024;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSessionSpec {
-    /// The task for the agent, sent as the first user message.
+    /// The task for the agent, sent as the first user message. It cannot be changed once
+    /// sent: a changed prompt is refused with the `Accepted` condition.
     #[schemars(length(min = 1))]
     pub prompt: String,
+
+    /// Follow-up user messages, append-only. Each new entry starts a new turn, with the
+    /// whole conversation so far, once the previous turn is done. Entries already sent
+    /// cannot be changed or removed (refused with the `Accepted` condition).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<String>,
+
+    /// Interrupts the current turn (running tool calls are cancelled and the sandbox's
+    /// processes killed) and stops all work until set back to false; the session then
+    /// resumes where it stopped. The sandbox pod and its workspace are kept.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
 
     /// Model id. With `llm.api: openai`, `openai/<id>` talks to `llm.baseUrl` (default
     /// https://api.openai.com/v1) with model `<id>`, and any other id, such as
@@ -166,13 +179,18 @@ pub enum SessionPhase {
     Pending,
     /// The agent loop is running.
     Running,
-    /// The model gave its final answer.
+    /// Work is stopped by `spec.suspend`.
+    Suspended,
+    /// The model answered the latest message; a new entry in `spec.messages` starts
+    /// another turn.
     Succeeded,
-    /// The session ended without an answer; `message` and the `Failed` condition say why.
+    /// The latest turn ended without an answer; `message` and the `Failed` condition say
+    /// why. A new entry in `spec.messages` starts another turn.
     Failed,
 }
 
 impl SessionPhase {
+    /// No turn is running or waiting to run unless the spec changes.
     pub fn is_terminal(self) -> bool {
         matches!(self, SessionPhase::Succeeded | SessionPhase::Failed)
     }
@@ -182,7 +200,7 @@ impl SessionPhase {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSessionStatus {
-    /// Pending, Running, Succeeded or Failed.
+    /// Pending, Running, Suspended, Succeeded or Failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<SessionPhase>,
 
@@ -202,7 +220,15 @@ pub struct AgentSessionStatus {
     #[serde(default)]
     pub tool_calls: u32,
 
-    /// The model's final answer, cut to 16 KiB.
+    /// How many entries of `spec.messages` the agent has taken so far.
+    #[serde(default)]
+    pub processed_messages: u32,
+
+    /// Where the full conversation and event log are stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transcript: Option<TranscriptStatus>,
+
+    /// The model's answer to the latest message, cut to 16 KiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_response: Option<String>,
 
@@ -225,6 +251,21 @@ pub struct AgentSessionStatus {
     /// A human-readable summary of the current state; on failure, what to fix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// The session's transcript: gzip-compressed JSON-lines records in ConfigMaps owned by the
+/// session (`ml-intern transcript <session>` prints it).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TranscriptStatus {
+    /// Label selector of the ConfigMaps holding it.
+    pub config_map_selector: String,
+    /// ConfigMaps used.
+    pub chunks: u32,
+    /// Records stored: messages, turn boundaries and events.
+    pub records: u64,
+    /// Compressed size in bytes.
+    pub bytes: u64,
 }
 
 /// The session's sandbox pod.

@@ -8,10 +8,11 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::Client;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::AgentSession;
 use crate::server::Metrics;
 use crate::text::truncate_chars;
 
@@ -50,14 +51,16 @@ impl Default for ControllerConfig {
 
 /// A session this process has taken on, by uid.
 pub enum SessionEntry {
-    /// Its loop runs (or waits for a slot) in this task.
+    /// Its runner works (or waits for a slot) in this task; spec changes reach it through
+    /// `spec`.
     Active {
         cancel: CancellationToken,
         task: JoinHandle<()>,
+        spec: watch::Sender<Arc<AgentSession>>,
     },
-    /// Its loop ended here; kept so a stale cached object still showing Running is not
-    /// mistaken for a session orphaned by a controller restart.
-    Finished,
+    /// Its runner had nothing left to do at this spec generation. A cached object that
+    /// still shows an older status is not mistaken for work left over.
+    Finished { generation: Option<i64> },
 }
 
 pub struct Context {

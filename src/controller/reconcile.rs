@@ -9,6 +9,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::{Resource, ResourceExt};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::context::{Context, SessionEntry};
@@ -45,27 +46,45 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     let namespace = session
         .namespace()
         .ok_or(Error::MissingField("namespace"))?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let phase = session.status.as_ref().and_then(|s| s.phase);
-    if phase.is_some_and(|p| p.is_terminal()) {
-        // The runner deletes the sandbox when it ends; this catches a pod it missed.
-        SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
-        return Ok(Action::await_change());
-    }
-    if ctx
-        .sessions
-        .lock()
-        .map(|s| s.contains_key(&uid))
-        .unwrap_or(false)
+    let generation = session.metadata.generation;
+    let status = session.status.as_ref();
+    let phase = status.and_then(|s| s.phase);
+    // The spec changed since the status was written: new messages, suspend, a rewrite.
+    let spec_changed = status.and_then(|s| s.observed_generation) != generation;
     {
-        return Ok(Action::await_change());
+        let Ok(mut sessions) = ctx.sessions.lock() else {
+            return Ok(Action::await_change());
+        };
+        match sessions.get(&uid) {
+            Some(SessionEntry::Active { spec, .. }) => {
+                spec.send_replace(session.clone());
+                return Ok(Action::await_change());
+            }
+            Some(SessionEntry::Finished { generation: done }) if *done >= generation => {
+                return Ok(Action::await_change());
+            }
+            Some(SessionEntry::Finished { .. }) => {
+                sessions.remove(&uid);
+            }
+            None => {}
+        }
     }
-    let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
-    if phase == Some(SessionPhase::Running) {
-        fail_orphaned(&session, &ctx, api, &pods).await?;
+    let settled = match phase {
+        Some(p) if p.is_terminal() => true,
+        Some(SessionPhase::Suspended) => session.spec.suspend,
+        _ => false,
+    };
+    if settled && !spec_changed {
+        if phase.is_some_and(|p| p.is_terminal()) {
+            // The runner deletes the sandbox when it has nothing left to do; this catches a
+            // pod it missed.
+            let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+            SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
+        }
         return Ok(Action::await_change());
     }
 
+    let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let api_key = match resolve_api_key(
         &secrets,
@@ -83,14 +102,10 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     };
 
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(run_session(
-        ctx.clone(),
-        session.clone(),
-        api_key,
-        cancel.clone(),
-    ));
+    let (spec, spec_rx) = watch::channel(session.clone());
     if let Ok(mut sessions) = ctx.sessions.lock() {
-        sessions.insert(uid, SessionEntry::Active { cancel, task });
+        let task = tokio::spawn(run_session(ctx.clone(), api_key, cancel.clone(), spec_rx));
+        sessions.insert(uid, SessionEntry::Active { cancel, task, spec });
     }
     Ok(Action::await_change())
 }
@@ -124,37 +139,11 @@ async fn wait_for_credentials(
     Ok(())
 }
 
-/// A session left Running by an earlier controller process: its loop is gone and this
-/// version cannot resume it, so it fails visibly instead of silently re-running tools.
-async fn fail_orphaned(
-    session: &AgentSession,
-    ctx: &Context,
-    api: Api<AgentSession>,
-    pods: &Api<Pod>,
-) -> Result<(), Error> {
-    SandboxPod::delete(pods, &sandbox_pod_name(&session.name_any())).await?;
-    let message = "the controller restarted while this session was running and cannot resume it; \
-                   re-create the session to run the task again";
-    let mut status = StatusWriter::new(api, session);
-    status.set_phase(SessionPhase::Failed, message);
-    status.set_condition(condition::RUNNING, false, "ControllerRestarted", message);
-    status.set_condition(condition::FAILED, true, "ControllerRestarted", message);
-    status.apply().await?;
-    ctx.publish(
-        &session.object_ref(&()),
-        EventType::Warning,
-        "ControllerRestarted",
-        message,
-    )
-    .await;
-    Ok(())
-}
-
 /// Deletion: stop the loop, remove the sandbox, forget the session.
 async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, Error> {
     let uid = session.uid().unwrap_or_default();
     let entry = ctx.sessions.lock().ok().and_then(|mut s| s.remove(&uid));
-    if let Some(SessionEntry::Active { cancel, task }) = entry {
+    if let Some(SessionEntry::Active { cancel, task, .. }) = entry {
         cancel.cancel();
         if tokio::time::timeout(Duration::from_secs(30), task)
             .await

@@ -1,80 +1,154 @@
-//! One session's run: wait for a slot, run the agent loop with a sandbox pod for its tools,
-//! mirror progress into status and Events, and clean up when it ends.
+//! One session's runner: it reads the transcript, then takes the user inputs of the spec
+//! one turn at a time (resuming a turn that was interrupted), mirrors progress into status,
+//! Events and the transcript, and stops when there is nothing left to do, when the session
+//! is suspended, or when it is deleted.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::context::{Context, SessionEntry};
 use super::status::{StatusWriter, condition};
+use crate::agent::guards;
 use crate::agent::prompt::SYSTEM_PROMPT;
-use crate::agent::{AgentEvent, ChatMessage, TurnConfig, TurnFailure, TurnOutcome, run_turn};
+use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
 use crate::api::session::FINAL_RESPONSE_MAX_BYTES;
-use crate::api::{AgentSession, LlmApi, SandboxStatus, SessionPhase, TokenUsage};
-use crate::llm::{ModelSettings, WireApi, client_for};
+use crate::api::{
+    AgentSession, AgentSessionSpec, LlmApi, SandboxStatus, SessionPhase, TokenUsage,
+    TranscriptStatus,
+};
+use crate::llm::{ChatModel, ModelSettings, WireApi, client_for};
 use crate::redact::Redactor;
 use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
-use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings};
+use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
+use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
 use crate::tools::{BashTool, ToolRouter};
 
-/// Runs the session to its end and then marks it finished in the context.
+/// Runs the session until it has nothing left to do, then marks it finished in the context.
 pub async fn run_session(
     ctx: Arc<Context>,
-    session: Arc<AgentSession>,
     api_key: Option<String>,
     cancel: CancellationToken,
+    spec: watch::Receiver<Arc<AgentSession>>,
 ) {
-    let uid = session.uid().unwrap_or_default();
+    let session = spec.borrow().clone();
     let name = session.name_any();
-    let mut run = SessionRun::new(ctx.clone(), &session, api_key);
+    let mut run = SessionRun::new(ctx, &session, api_key, spec);
     run.execute(&cancel).await;
-    if let Ok(mut sessions) = ctx.sessions.lock()
-        && sessions.contains_key(&uid)
-    {
-        sessions.insert(uid, SessionEntry::Finished);
+    tracing::info!(session = %name, "session runner stopped");
+}
+
+/// The user input at `index`: 0 is the prompt, i is `spec.messages[i-1]`.
+fn input_text(spec: &AgentSessionSpec, index: usize) -> Option<&str> {
+    match index {
+        0 => Some(spec.prompt.as_str()),
+        i => spec.messages.get(i - 1).map(String::as_str),
     }
-    tracing::info!(session = %name, "session run ended");
+}
+
+fn input_field(index: usize) -> String {
+    match index {
+        0 => "spec.prompt".to_string(),
+        i => format!("spec.messages[{}]", i - 1),
+    }
+}
+
+/// Why the spec no longer matches the inputs already sent, if it does not.
+pub fn rewritten_input(spec: &AgentSessionSpec, sent: &[String]) -> Option<String> {
+    for (i, sent_digest) in sent.iter().enumerate() {
+        let field = input_field(i);
+        match input_text(spec, i) {
+            None => {
+                return Some(format!(
+                    "{field} was removed after it was sent to the agent; messages are \
+                     append-only: restore it, or create a new session for a new conversation"
+                ));
+            }
+            Some(text) if digest(text) != *sent_digest => {
+                return Some(format!(
+                    "{field} was changed after it was sent to the agent; the conversation \
+                     cannot be rewritten: restore it and append a new entry to spec.messages \
+                     instead, or create a new session"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 struct SessionRun {
     ctx: Arc<Context>,
-    session: AgentSession,
+    session: Arc<AgentSession>,
+    spec_rx: watch::Receiver<Arc<AgentSession>>,
     object: k8s_openapi::api::core::v1::ObjectReference,
     pods: Api<Pod>,
+    configmaps: Api<ConfigMap>,
     status: StatusWriter,
     /// Status changed since it was last written.
     status_dirty: bool,
     api_key: Option<String>,
     redactor: Redactor,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The conversation as the runner keeps it between turns.
+struct Conversation {
+    store: TranscriptStore,
+    history: Vec<ChatMessage>,
+    input_digests: Vec<String>,
+    turn_open: bool,
+}
+
+enum TurnEnd {
+    /// The turn ended; the next input, if any, may start.
+    Done,
+    /// Stopped by spec.suspend; the turn stays open.
+    Suspended,
+    /// The session is being deleted.
+    Deleted,
 }
 
 impl SessionRun {
-    fn new(ctx: Arc<Context>, session: &AgentSession, api_key: Option<String>) -> Self {
+    fn new(
+        ctx: Arc<Context>,
+        session: &Arc<AgentSession>,
+        api_key: Option<String>,
+        spec_rx: watch::Receiver<Arc<AgentSession>>,
+    ) -> Self {
         let namespace = session.namespace().unwrap_or_default();
         let api = Api::namespaced(ctx.client.clone(), &namespace);
         SessionRun {
             pods: Api::namespaced(ctx.client.clone(), &namespace),
+            configmaps: Api::namespaced(ctx.client.clone(), &namespace),
             status: StatusWriter::new(api, session),
             status_dirty: false,
             object: session.object_ref(&()),
             session: session.clone(),
+            spec_rx,
             redactor: Redactor::new(api_key.clone()),
             api_key,
             ctx,
+            permit: None,
         }
     }
 
     /// Secret values never leave the controller: not in status, Events or logs.
     fn redact(&self, text: &str) -> String {
         self.redactor.redact(text).into_owned()
+    }
+
+    fn name(&self) -> String {
+        self.session.name_any()
     }
 
     async fn execute(&mut self, cancel: &CancellationToken) {
@@ -84,10 +158,131 @@ impl SessionRun {
             "Accepted",
             "the spec and the Secrets it names are usable",
         );
+        let Some(mut conversation) = self.open_transcript().await else {
+            self.retire();
+            return;
+        };
         if self.status.status.phase.is_none() {
             self.status
                 .set_phase(SessionPhase::Pending, "accepted; starting the agent loop");
             self.status.apply_or_log().await;
+        }
+        let mut resumed = conversation.turn_open;
+        loop {
+            self.session = self.spec_rx.borrow_and_update().clone();
+            self.status.observe(self.session.metadata.generation);
+            let spec = self.session.spec.clone();
+            if let Some(problem) = rewritten_input(&spec, &conversation.input_digests) {
+                self.refuse_rewrite(&problem).await;
+                if self.retire_unless_changed() {
+                    return;
+                }
+                continue;
+            }
+            if spec.suspend {
+                self.suspend(conversation.turn_open).await;
+                if self.retire_unless_changed() {
+                    return;
+                }
+                continue;
+            }
+            if !conversation.turn_open {
+                let index = conversation.input_digests.len();
+                let Some(text) = input_text(&spec, index).map(str::to_string) else {
+                    self.go_idle().await;
+                    if self.retire_unless_changed() {
+                        return;
+                    }
+                    continue;
+                };
+                if let Err(e) = self.take_input(&mut conversation, index, &text).await {
+                    self.fail_transcript(&e.to_string()).await;
+                    self.retire();
+                    return;
+                }
+            }
+            if !self.wait_for_slot(cancel).await {
+                return;
+            }
+            resumed = match self.run_turn(&mut conversation, resumed, cancel).await {
+                TurnEnd::Deleted => return,
+                TurnEnd::Suspended => true,
+                TurnEnd::Done => false,
+            };
+        }
+    }
+
+    async fn open_transcript(&mut self) -> Option<Conversation> {
+        let uid = self.session.uid().unwrap_or_default();
+        let Some(owner) = self.session.controller_owner_ref(&()) else {
+            self.fail_transcript("the session has no uid to own its transcript")
+                .await;
+            return None;
+        };
+        match TranscriptStore::open(
+            self.configmaps.clone(),
+            &self.name(),
+            &uid,
+            owner,
+            self.redactor.clone(),
+        )
+        .await
+        {
+            Ok((store, records)) => {
+                let replayed = replay(&records);
+                Some(Conversation {
+                    store,
+                    history: replayed.history,
+                    input_digests: replayed.input_digests,
+                    turn_open: replayed.turn_open,
+                })
+            }
+            Err(e) => {
+                self.fail_transcript(&e.to_string()).await;
+                None
+            }
+        }
+    }
+
+    /// Records the input and the user message it becomes before the turn starts.
+    async fn take_input(
+        &mut self,
+        conversation: &mut Conversation,
+        index: usize,
+        text: &str,
+    ) -> Result<(), crate::store::StoreError> {
+        let mut records = vec![Record::Input {
+            index,
+            digest: digest(text),
+            at: Timestamp::now().to_string(),
+        }];
+        let mut messages = vec![];
+        if conversation.history.is_empty() {
+            messages.push(ChatMessage::system(SYSTEM_PROMPT));
+        }
+        messages.push(ChatMessage::user(text));
+        records.extend(
+            messages
+                .iter()
+                .map(|m| Record::Message { message: m.clone() }),
+        );
+        conversation.store.write(&records).await?;
+        conversation.history.extend(messages);
+        conversation.input_digests.push(digest(text));
+        conversation.turn_open = true;
+        self.status.status.processed_messages = index as u32;
+        let field = input_field(index);
+        self.status.set_phase(
+            SessionPhase::Running,
+            format!("the agent is working on {field}"),
+        );
+        Ok(())
+    }
+
+    /// Waits for one of the controller's session slots, once per runner.
+    async fn wait_for_slot(&mut self, cancel: &CancellationToken) -> bool {
+        if self.permit.is_some() {
+            return true;
         }
         let permit = match self.ctx.slots.clone().try_acquire_owned() {
             Ok(p) => p,
@@ -101,48 +296,29 @@ impl SessionRun {
                     .set_condition(condition::RUNNING, false, "WaitingForCapacity", &msg);
                 self.status.apply_or_log().await;
                 tokio::select! {
-                    _ = cancel.cancelled() => return,
+                    _ = cancel.cancelled() => return false,
                     p = self.ctx.slots.clone().acquire_owned() => match p {
                         Ok(p) => p,
-                        Err(_) => return,
+                        Err(_) => return false,
                     },
                 }
             }
         };
         self.ctx.metrics.sessions_running.inc();
         self.ctx.metrics.sessions_started.inc();
-        let outcome = self.run_loop(cancel).await;
-        self.ctx.metrics.sessions_running.dec();
-        drop(permit);
-        if let Some(outcome) = outcome {
-            self.finish(outcome).await;
+        self.permit = Some(permit);
+        true
+    }
+
+    fn release_slot(&mut self) {
+        if self.permit.take().is_some() {
+            self.ctx.metrics.sessions_running.dec();
         }
     }
 
-    /// Runs the turn; None when it was cancelled (the session is being deleted).
-    async fn run_loop(&mut self, cancel: &CancellationToken) -> Option<TurnOutcome> {
-        let spec = self.session.spec.clone();
-        let name = self.session.name_any();
-        self.status.status.started_at = Some(Time(Timestamp::now()));
-        self.status
-            .set_phase(SessionPhase::Running, "the agent is working on the task");
-        self.status.set_condition(
-            condition::RUNNING,
-            true,
-            "AgentLoopRunning",
-            "the agent loop is running",
-        );
-        self.status.apply_or_log().await;
-        self.ctx
-            .publish(
-                &self.object,
-                EventType::Normal,
-                "Started",
-                format!("agent loop started with model {}", spec.model),
-            )
-            .await;
-
-        let model = client_for(ModelSettings {
+    fn model(&self) -> Box<dyn ChatModel> {
+        let spec = &self.session.spec;
+        client_for(ModelSettings {
             api: match spec.llm.api {
                 LlmApi::Openai => WireApi::OpenAiChat,
                 LlmApi::Anthropic => WireApi::AnthropicMessages,
@@ -154,16 +330,12 @@ impl SessionRun {
             stream: spec.llm.stream,
             max_tokens: spec.llm.max_tokens,
             temperature: spec.llm.temperature,
-        });
+        })
+    }
 
-        let Some(owner) = self.session.controller_owner_ref(&()) else {
-            return Some(TurnOutcome::Failed(TurnFailure::Tool(
-                crate::tools::ToolFailure {
-                    reason: "InvalidSession".into(),
-                    message: "the session has no uid to own its sandbox pod".into(),
-                },
-            )));
-        };
+    fn sandbox(&self, lifecycle: mpsc::Sender<SandboxEvent>) -> Option<Arc<SandboxPod>> {
+        let spec = &self.session.spec;
+        let owner = self.session.controller_owner_ref(&())?;
         let settings = SandboxSettings {
             image: spec
                 .sandbox
@@ -179,65 +351,179 @@ impl SessionRun {
             env: spec.sandbox.env.clone(),
         };
         let namespace = self.session.namespace().unwrap_or_default();
-        let (sandbox_tx, mut sandbox_rx) = mpsc::channel(8);
-        let sandbox = Arc::new(SandboxPod::new(
+        Some(Arc::new(SandboxPod::new(
             self.pods.clone(),
-            sandbox_pod(&name, &namespace, owner, &settings),
+            sandbox_pod(&self.name(), &namespace, owner, &settings),
             self.ctx.config.sandbox_startup_timeout,
-            sandbox_tx,
-        ));
+            lifecycle,
+        )))
+    }
+
+    /// Runs (or resumes) the open turn and records how it ended.
+    async fn run_turn(
+        &mut self,
+        conversation: &mut Conversation,
+        resumed: bool,
+        cancel: &CancellationToken,
+    ) -> TurnEnd {
+        let name = self.name();
+        if resumed {
+            self.resume_interrupted(conversation).await;
+        }
+        if self.status.status.started_at.is_none() {
+            self.status.status.started_at = Some(Time(Timestamp::now()));
+        }
+        if self.status.status.phase != Some(SessionPhase::Running) {
+            self.status
+                .set_phase(SessionPhase::Running, "the agent is working on the task");
+        }
+        self.status.set_condition(
+            condition::RUNNING,
+            true,
+            "AgentLoopRunning",
+            "the agent loop is running",
+        );
+        self.status.set_condition(
+            condition::COMPLETE,
+            false,
+            "TurnRunning",
+            "a turn is running",
+        );
+        self.status
+            .set_condition(condition::FAILED, false, "TurnRunning", "a turn is running");
+        self.status_dirty = true;
+        self.flush_status(&conversation.store).await;
+        let verb = if resumed { "resumed" } else { "started" };
+        self.ctx
+            .publish(
+                &self.object,
+                EventType::Normal,
+                "TurnStarted",
+                format!(
+                    "turn {verb} on {} with model {}",
+                    input_field(conversation.input_digests.len().saturating_sub(1)),
+                    self.session.spec.model
+                ),
+            )
+            .await;
+
+        let model = self.model();
+        let (sandbox_tx, mut sandbox_rx) = mpsc::channel(8);
+        let Some(sandbox) = self.sandbox(sandbox_tx) else {
+            return TurnEnd::Deleted;
+        };
         let mut tools = ToolRouter::new();
         tools.register(Arc::new(BashTool::new(sandbox.clone())));
-
-        let mut history = vec![
-            ChatMessage::system(SYSTEM_PROMPT),
-            ChatMessage::user(spec.prompt.clone()),
-        ];
         let config = TurnConfig {
-            max_iterations: spec.max_iterations,
+            max_iterations: self.session.spec.max_iterations,
             llm_retry_delays: self.ctx.config.llm_retry_delays.clone(),
         };
         let (events_tx, mut events_rx) = mpsc::channel(256);
+        let turn_cancel = cancel.child_token();
+        let mut history = std::mem::take(&mut conversation.history);
         let outcome = {
-            let turn = run_turn(
-                model.as_ref(),
-                &tools,
-                &mut history,
-                &config,
-                &events_tx,
-                cancel,
-            );
-            tokio::pin!(turn);
+            let turn = Turn {
+                model: model.as_ref(),
+                tools: &tools,
+                journal: &conversation.store,
+                events: &events_tx,
+                config: &config,
+            };
+            let running = turn.run(&mut history, &turn_cancel);
+            tokio::pin!(running);
+            let mut spec_rx = self.spec_rx.clone();
             loop {
                 tokio::select! {
                     biased;
                     Some(event) = events_rx.recv() => {
                         // Events emitted together (a model response and the tool calls it
                         // asks for) become one status write.
-                        self.on_agent_event(event).await;
+                        self.on_agent_event(event, &conversation.store).await;
                         while let Ok(event) = events_rx.try_recv() {
-                            self.on_agent_event(event).await;
+                            self.on_agent_event(event, &conversation.store).await;
                         }
-                        self.flush_status().await;
+                        self.flush_status(&conversation.store).await;
                     }
                     Some(event) = sandbox_rx.recv() => self.on_sandbox_event(event).await,
-                    outcome = &mut turn => break outcome,
+                    Ok(()) = spec_rx.changed() => {
+                        if spec_rx.borrow_and_update().spec.suspend {
+                            turn_cancel.cancel();
+                        }
+                    }
+                    outcome = &mut running => break outcome,
                 }
             }
         };
         while let Ok(event) = events_rx.try_recv() {
-            self.on_agent_event(event).await;
+            self.on_agent_event(event, &conversation.store).await;
         }
         while let Ok(event) = sandbox_rx.try_recv() {
             self.on_sandbox_event(event).await;
         }
+        conversation.history = history;
         if outcome == TurnOutcome::Cancelled {
-            return None;
+            if cancel.is_cancelled() {
+                tracing::info!(session = %name, "turn stopped: the session is being deleted");
+                return TurnEnd::Deleted;
+            }
+            conversation
+                .store
+                .defer(&event_record(&AgentEvent::Interrupted {
+                    reason: "suspended".into(),
+                }));
+            if let Err(e) = conversation.store.write(&[]).await {
+                tracing::warn!(session = %name, error = %e, "could not record the interruption");
+            }
+            // What the turn recorded before it stopped is the conversation to resume from.
+            if let Some(c) = self.open_transcript().await {
+                *conversation = c;
+            }
+            return TurnEnd::Suspended;
         }
-        Some(outcome)
+        self.end_turn(conversation, outcome).await;
+        TurnEnd::Done
     }
 
-    async fn on_agent_event(&mut self, event: AgentEvent) {
+    /// A turn that was stopped mid-way (suspend, controller restart) goes on: whatever its
+    /// tool calls left running is killed, and calls without a result are answered as
+    /// interrupted.
+    async fn resume_interrupted(&mut self, conversation: &mut Conversation) {
+        let name = self.name();
+        let pod = sandbox_pod_name(&name);
+        let mut repaired = conversation.history.clone();
+        if guards::answer_dangling_calls(&mut repaired, guards::INTERRUPTED) == 0 {
+            return;
+        }
+        match SandboxPod::kill_processes(&self.pods, &pod).await {
+            Ok(true) => {
+                tracing::info!(session = %name, %pod, "killed the processes of interrupted tool calls")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(session = %name, error = %e, "could not kill leftover sandbox processes")
+            }
+        }
+        let record = Record::Replace {
+            history: repaired.clone(),
+        };
+        match conversation.store.write(&[record]).await {
+            Ok(()) => conversation.history = repaired,
+            Err(e) => {
+                tracing::warn!(session = %name, error = %e, "could not record interrupted calls")
+            }
+        }
+        self.ctx
+            .publish(
+                &self.object,
+                EventType::Normal,
+                "TurnResumed",
+                "resuming an interrupted turn; tool calls that were running are reported to the model as interrupted",
+            )
+            .await;
+    }
+
+    async fn on_agent_event(&mut self, event: AgentEvent, store: &TranscriptStore) {
+        store.defer(&event_record(&event));
         let metrics = &self.ctx.metrics;
         match event {
             AgentEvent::LlmCall { usage, .. } => {
@@ -264,14 +550,14 @@ impl SessionRun {
                     None => arguments.to_string(),
                 };
                 let note = self.redact(&format!("{tool}: {}", truncate_chars(&detail, 300)));
-                tracing::debug!(session = %self.session.name_any(), %note, "tool called");
+                tracing::debug!(session = %self.name(), %note, "tool called");
                 self.ctx
                     .publish(&self.object, EventType::Normal, "ToolCalled", note)
                     .await;
             }
             AgentEvent::ToolLog { tool, log } => {
                 let log = self.redact(&log);
-                tracing::info!(session = %self.session.name_any(), %tool, %log);
+                tracing::info!(session = %self.name(), %tool, %log);
             }
             AgentEvent::LlmRetry {
                 message,
@@ -284,7 +570,7 @@ impl SessionRun {
                     "LLMRetrying"
                 };
                 let note = self.redact(&format!("{message}; retrying in {delay_secs}s"));
-                tracing::info!(session = %self.session.name_any(), %note, "model call retried");
+                tracing::info!(session = %self.name(), %note, "model call retried");
                 self.ctx
                     .publish(&self.object, EventType::Warning, reason, note)
                     .await;
@@ -296,15 +582,28 @@ impl SessionRun {
                 ..
             } => {
                 let output = self.redact(&truncate_chars(&output, 500));
-                tracing::debug!(session = %self.session.name_any(), %tool, success, %output, "tool finished");
+                tracing::debug!(session = %self.name(), %tool, success, %output, "tool finished");
             }
             AgentEvent::Processing
             | AgentEvent::AssistantMessage { .. }
-            | AgentEvent::TurnComplete { .. } => {}
+            | AgentEvent::TurnComplete { .. }
+            | AgentEvent::Interrupted { .. }
+            | AgentEvent::Error { .. } => {}
         }
     }
 
-    async fn flush_status(&mut self) {
+    async fn flush_status(&mut self, store: &TranscriptStore) {
+        let stats = store.stats();
+        let transcript = TranscriptStatus {
+            config_map_selector: store.selector(),
+            chunks: stats.chunks,
+            records: stats.records,
+            bytes: stats.compressed_bytes,
+        };
+        if self.status.status.transcript.as_ref() != Some(&transcript) {
+            self.status.status.transcript = Some(transcript);
+            self.status_dirty = true;
+        }
         if self.status_dirty {
             self.status_dirty = false;
             self.status.apply_or_log().await;
@@ -337,20 +636,8 @@ impl SessionRun {
         }
     }
 
-    async fn finish(&mut self, outcome: TurnOutcome) {
-        let name = self.session.name_any();
-        // Deleted by name even when no pod was recorded: a failed start may have left one.
-        let pod = crate::runtime::sandbox_pod_name(&name);
-        match SandboxPod::delete(&self.pods, &pod).await {
-            Ok(()) if self.status.status.sandbox.is_some() => self.status.set_condition(
-                condition::SANDBOX_READY,
-                false,
-                "Deleted",
-                &format!("sandbox pod {pod} was deleted when the session ended"),
-            ),
-            Ok(()) => {}
-            Err(e) => tracing::warn!(session = %name, error = %e, "could not delete sandbox pod"),
-        }
+    /// Records the end of the turn in the transcript, status and Events.
+    async fn end_turn(&mut self, conversation: &mut Conversation, outcome: TurnOutcome) {
         let iterations = self.status.status.iterations;
         let (phase, reason, message) = match outcome {
             TurnOutcome::Completed { final_response } => {
@@ -368,7 +655,7 @@ impl SessionRun {
                 SessionPhase::Failed,
                 "MaxIterationsReached".to_string(),
                 format!(
-                    "the agent made {iterations} model calls without a final answer; raise spec.maxIterations or narrow the prompt"
+                    "the agent made {iterations} model calls in this turn without a final answer; raise spec.maxIterations or narrow the prompt"
                 ),
             ),
             TurnOutcome::Failed(TurnFailure::Llm(e)) => (
@@ -379,24 +666,47 @@ impl SessionRun {
             TurnOutcome::Failed(TurnFailure::Tool(f)) => {
                 (SessionPhase::Failed, f.reason, self.redact(&f.message))
             }
+            TurnOutcome::Failed(TurnFailure::Journal(e)) => (
+                SessionPhase::Failed,
+                "TranscriptWriteFailed".to_string(),
+                format!(
+                    "the transcript could not be stored, so the turn stopped before acting on it: {e}"
+                ),
+            ),
             TurnOutcome::Cancelled => return,
         };
+        if phase == SessionPhase::Failed {
+            conversation.store.defer(&event_record(&AgentEvent::Error {
+                reason: reason.clone(),
+                message: message.clone(),
+            }));
+        }
+        let ended = Record::TurnEnded {
+            outcome: reason.clone(),
+            at: Timestamp::now().to_string(),
+        };
+        if let Err(e) = conversation.store.write(&[ended]).await {
+            tracing::warn!(session = %self.name(), error = %e, "could not record the end of the turn");
+        }
+        conversation.turn_open = false;
         self.status.set_phase(phase, &message);
         self.status.set_condition(
             condition::RUNNING,
             false,
-            "Finished",
-            "the agent loop ended",
+            "TurnFinished",
+            "the latest turn ended",
         );
         let succeeded = phase == SessionPhase::Succeeded;
-        let terminal_condition = if succeeded {
-            condition::COMPLETE
+        let (done, other) = if succeeded {
+            (condition::COMPLETE, condition::FAILED)
         } else {
-            condition::FAILED
+            (condition::FAILED, condition::COMPLETE)
         };
+        self.status.set_condition(done, true, &reason, &message);
         self.status
-            .set_condition(terminal_condition, true, &reason, &message);
-        self.status.apply_or_log().await;
+            .set_condition(other, false, &reason, "see the other condition");
+        self.status_dirty = true;
+        self.flush_status(&conversation.store).await;
         self.ctx.metrics.sessions_finished_inc(phase);
         let (type_, event_reason) = if succeeded {
             (EventType::Normal, "Succeeded")
@@ -411,5 +721,162 @@ impl SessionRun {
                 format!("{reason}: {message}"),
             )
             .await;
+    }
+
+    /// Stops work for spec.suspend: whatever tool calls left running in the sandbox is
+    /// killed; the pod and its workspace stay.
+    async fn suspend(&mut self, turn_open: bool) {
+        self.release_slot();
+        if self.status.status.phase == Some(SessionPhase::Suspended) {
+            return;
+        }
+        let pod = sandbox_pod_name(&self.name());
+        if turn_open && let Err(e) = SandboxPod::kill_processes(&self.pods, &pod).await {
+            tracing::warn!(session = %self.name(), error = %e, "could not kill sandbox processes on suspend");
+        }
+        let message = if turn_open {
+            "suspended by spec.suspend in the middle of a turn; set it to false to resume the turn"
+        } else {
+            "suspended by spec.suspend; set it to false to go on"
+        };
+        self.status.set_phase(SessionPhase::Suspended, message);
+        self.status
+            .set_condition(condition::RUNNING, false, "Suspended", message);
+        self.status.apply_or_log().await;
+        self.ctx
+            .publish(&self.object, EventType::Normal, "Suspended", message)
+            .await;
+    }
+
+    async fn refuse_rewrite(&mut self, problem: &str) {
+        self.release_slot();
+        let unchanged = self
+            .status
+            .condition(condition::ACCEPTED)
+            .is_some_and(|c| c.status == "False" && c.message == problem);
+        self.status
+            .set_condition(condition::ACCEPTED, false, "InputRewritten", problem);
+        self.status.apply_or_log().await;
+        if !unchanged {
+            self.ctx
+                .publish(&self.object, EventType::Warning, "InputRewritten", problem)
+                .await;
+        }
+    }
+
+    /// Nothing is left to do: the sandbox goes (its workspace with it) until a new message
+    /// arrives.
+    async fn go_idle(&mut self) {
+        self.release_slot();
+        let name = self.name();
+        let pod = sandbox_pod_name(&name);
+        // Deleted by name even when no pod was recorded: a failed start may have left one.
+        match SandboxPod::delete(&self.pods, &pod).await {
+            Ok(()) if self.status.status.sandbox.is_some() => {
+                self.status.status.sandbox = None;
+                self.status.set_condition(
+                    condition::SANDBOX_READY,
+                    false,
+                    "Deleted",
+                    &format!("sandbox pod {pod} was deleted when the agent had nothing left to do"),
+                );
+                self.status.apply_or_log().await;
+            }
+            Ok(()) => {}
+            Err(e) => tracing::warn!(session = %name, error = %e, "could not delete sandbox pod"),
+        }
+        if self.status.status.observed_generation != self.session.metadata.generation {
+            self.status.apply_or_log().await;
+        }
+    }
+
+    async fn fail_transcript(&mut self, problem: &str) {
+        let message = self.redact(problem);
+        self.status.set_phase(SessionPhase::Failed, &message);
+        self.status
+            .set_condition(condition::FAILED, true, "TranscriptUnavailable", &message);
+        self.status
+            .set_condition(condition::RUNNING, false, "TranscriptUnavailable", &message);
+        self.status.apply_or_log().await;
+        self.ctx
+            .publish(
+                &self.object,
+                EventType::Warning,
+                "TranscriptUnavailable",
+                &message,
+            )
+            .await;
+    }
+
+    /// Hands the session back to reconcile unless the spec changed since this runner last
+    /// looked at it. Decided under the sessions lock, so a spec change is either seen here
+    /// or starts a new runner.
+    fn retire_unless_changed(&mut self) -> bool {
+        let Ok(mut sessions) = self.ctx.sessions.lock() else {
+            return true;
+        };
+        if self.spec_rx.borrow().metadata.generation != self.session.metadata.generation {
+            return false;
+        }
+        self.mark_finished(&mut sessions);
+        drop(sessions);
+        self.release_slot();
+        true
+    }
+
+    fn mark_finished(&self, sessions: &mut HashMap<String, SessionEntry>) {
+        let uid = self.session.uid().unwrap_or_default();
+        if let Some(entry) = sessions.get_mut(&uid) {
+            *entry = SessionEntry::Finished {
+                generation: self.session.metadata.generation,
+            };
+        }
+    }
+
+    fn retire(&mut self) {
+        if let Ok(mut sessions) = self.ctx.sessions.lock() {
+            self.mark_finished(&mut sessions);
+        }
+        self.release_slot();
+    }
+}
+
+fn event_record(event: &AgentEvent) -> Record {
+    Record::Event {
+        at: Timestamp::now().to_string(),
+        event: serde_json::to_value(event).unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(prompt: &str, messages: &[&str]) -> AgentSessionSpec {
+        serde_json::from_value(serde_json::json!({
+            "prompt": prompt, "model": "m", "messages": messages
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn appended_messages_are_fine_and_rewrites_are_named() {
+        let sent = vec![digest("task"), digest("more")];
+        assert_eq!(
+            rewritten_input(&spec("task", &["more", "new"]), &sent),
+            None
+        );
+        let changed = rewritten_input(&spec("task", &["MORE"]), &sent).unwrap();
+        assert!(
+            changed.starts_with("spec.messages[0] was changed"),
+            "{changed}"
+        );
+        let prompt = rewritten_input(&spec("other", &["more"]), &sent).unwrap();
+        assert!(prompt.starts_with("spec.prompt was changed"), "{prompt}");
+        let removed = rewritten_input(&spec("task", &[]), &sent).unwrap();
+        assert!(
+            removed.starts_with("spec.messages[0] was removed"),
+            "{removed}"
+        );
     }
 }

@@ -78,8 +78,13 @@ impl StatusWriter {
     pub fn set_phase(&mut self, phase: SessionPhase, message: impl AsRef<str>) {
         self.status.phase = Some(phase);
         self.status.message = Some(truncate_chars(message.as_ref(), MESSAGE_MAX_CHARS));
-        if phase.is_terminal() && self.status.completed_at.is_none() {
-            self.status.completed_at = Some(Time(Timestamp::now()));
+        // A session is reopened by a new message, so completion is the latest turn's.
+        if phase.is_terminal() {
+            if self.status.completed_at.is_none() {
+                self.status.completed_at = Some(Time(Timestamp::now()));
+            }
+        } else if phase == SessionPhase::Running {
+            self.status.completed_at = None;
         }
     }
 
@@ -93,6 +98,11 @@ impl StatusWriter {
             reason,
             message,
         );
+    }
+
+    /// The status describes this generation of the spec from now on.
+    pub fn observe(&mut self, generation: Option<i64>) {
+        self.generation = generation;
     }
 
     pub fn condition(&self, type_: &str) -> Option<&Condition> {

@@ -258,6 +258,34 @@ impl SandboxPod {
         })
     }
 
+    /// Kills every process in the sandbox container except its init, which is what tool
+    /// calls left running. False when there is no running pod to clean.
+    pub async fn kill_processes(pods: &Api<Pod>, name: &str) -> Result<bool, kube::Error> {
+        let running = pods
+            .get_opt(name)
+            .await?
+            .is_some_and(|p| pod_state(&p) == PodState::Ready);
+        if !running {
+            return Ok(false);
+        }
+        let params = AttachParams::default()
+            .container(SANDBOX_CONTAINER)
+            .stdout(true)
+            .stderr(false);
+        // kill(-1) signals every process the caller may signal but itself and pid 1.
+        let argv = ["/bin/sh", "-c", "kill -9 -1 2>/dev/null; exit 0"];
+        let mut process = pods.exec(name, argv, &params).await?;
+        let status = process.take_status();
+        if let Some(mut stdout) = process.stdout() {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink).await;
+        }
+        if let Some(s) = status {
+            let _ = s.await;
+        }
+        Ok(true)
+    }
+
     /// Deletes the pod; an already-missing pod is fine.
     pub async fn delete(pods: &Api<Pod>, name: &str) -> Result<(), kube::Error> {
         match pods.delete(name, &DeleteParams::default()).await {

@@ -445,6 +445,12 @@ impl E2e {
 
     /// Runs a command in a pod and returns its stdout.
     pub async fn exec(&self, pod: &str, command: &[&str]) -> String {
+        self.try_exec(pod, command)
+            .await
+            .expect("exec into the pod")
+    }
+
+    async fn try_exec(&self, pod: &str, command: &[&str]) -> Result<String, kube::Error> {
         let mut process = self
             .pods()
             .exec(
@@ -452,14 +458,72 @@ impl E2e {
                 command.to_vec(),
                 &AttachParams::default().stderr(false),
             )
-            .await
-            .expect("exec into the pod");
+            .await?;
         let mut out = String::new();
         if let Some(mut stdout) = process.stdout() {
-            stdout.read_to_string(&mut out).await.unwrap();
+            let _ = stdout.read_to_string(&mut out).await;
         }
         let _ = process.join().await;
-        out
+        Ok(out)
+    }
+
+    /// Waits until `command` run in the pod prints something `done` accepts; the pod may
+    /// not exist yet.
+    pub async fn wait_for_exec(
+        &self,
+        pod: &str,
+        command: &[&str],
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let ready = self
+                .pods()
+                .get_opt(pod)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.status.and_then(|s| s.phase).as_deref() == Some("Running"));
+            if ready && let Ok(out) = self.try_exec(pod, command).await {
+                if done(&out) {
+                    return out;
+                }
+                last = out;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{command:?} in {pod} did not print what was expected within {timeout:?}; last output: {last:?}\ncontroller log:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Merge-patches the session's spec, as `kubectl patch --type merge` would.
+    pub async fn patch_spec(&self, name: &str, spec: Value) -> AgentSession {
+        self.sessions()
+            .patch(
+                name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .expect("patch the session spec")
+    }
+
+    /// The session's stored transcript records.
+    pub async fn transcript(&self, name: &str) -> Vec<ml_intern::store::Record> {
+        let session = self.sessions().get(name).await.expect("the session exists");
+        let configmaps = Api::namespaced(self.client.clone(), &self.namespace);
+        ml_intern::store::configmap_log::read_transcript(
+            &configmaps,
+            name,
+            session.metadata.uid.as_deref().unwrap_or_default(),
+        )
+        .await
+        .expect("the transcript is readable")
     }
 
     pub fn kubectl(&self, args: &[&str]) -> Output {

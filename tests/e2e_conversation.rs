@@ -1,0 +1,312 @@
+//! Conversations over time on the real cluster: follow-up messages appended to the spec,
+//! suspend and resume, and a controller killed mid-turn that resumes from the transcript.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ml_intern::agent::guards::INTERRUPTED;
+use ml_intern::store::Record;
+use serde_json::{Value, json};
+use support::{E2e, ScriptedLlm, Step};
+use tokio::sync::Notify;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn condition(
+    s: &ml_intern::api::AgentSession,
+    type_: &str,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    s.status
+        .as_ref()
+        .and_then(|st| st.conditions.iter().find(|c| c.type_ == type_))
+        .cloned()
+        .unwrap_or_else(|| panic!("no {type_} condition in {:#?}", s.status))
+}
+
+/// (role, content) of each message the model was sent.
+fn roles_and_contents(request: &Value) -> Vec<(String, String)> {
+    request["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["role"].as_str().unwrap_or("").to_string(),
+                m["content"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn tool_results(request: &Value) -> Vec<String> {
+    roles_and_contents(request)
+        .into_iter()
+        .filter(|(role, _)| role == "tool")
+        .map(|(_, c)| c)
+        .collect()
+}
+
+#[tokio::test]
+async fn follow_up_messages_continue_the_conversation_and_history_cannot_be_rewritten() {
+    let env = E2e::start("multiturn").await;
+    let llm = ScriptedLlm::start(vec![
+        Step::Answer("first answer".into()),
+        Step::Answer("second answer".into()),
+    ])
+    .await;
+    env.create_session(
+        "chat",
+        json!({"prompt": "first question", "model": "openai/x",
+               "llm": {"baseUrl": llm.base_url}, "sandbox": {"imagePullPolicy": "Never"}}),
+    )
+    .await;
+    let first = env.wait_for_phase("chat", "Succeeded", MINUTE).await;
+    let status = first.status.unwrap();
+    assert_eq!(status.final_response.as_deref(), Some("first answer"));
+    assert_eq!(status.processed_messages, 0);
+
+    // A GitOps-style follow-up: append to spec.messages.
+    env.patch_spec("chat", json!({"messages": ["second question"]}))
+        .await;
+    let second = env
+        .wait_for_session("chat", MINUTE, "second answer", |s| {
+            s.status
+                .as_ref()
+                .is_some_and(|st| st.final_response.as_deref() == Some("second answer"))
+        })
+        .await;
+    let status = second.status.clone().unwrap();
+    assert_eq!(status.processed_messages, 1);
+    assert_eq!(status.phase, Some(ml_intern::api::SessionPhase::Succeeded));
+    assert_eq!(status.iterations, 2);
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 2);
+    let sent = roles_and_contents(&requests[1].body);
+    let tail: Vec<(&str, &str)> = sent[1..]
+        .iter()
+        .map(|(r, c)| (r.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(sent[0].0, "system");
+    assert_eq!(
+        tail,
+        vec![
+            ("user", "first question"),
+            ("assistant", "first answer"),
+            ("user", "second question")
+        ],
+        "the second turn carries the whole conversation"
+    );
+
+    // Rewriting a message already sent is refused, and nothing runs.
+    env.patch_spec("chat", json!({"messages": ["a different second question"]}))
+        .await;
+    let refused = env
+        .wait_for_condition("chat", "Accepted", "InputRewritten", MINUTE)
+        .await;
+    let c = condition(&refused, "Accepted");
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains("spec.messages[0] was changed"),
+        "{}",
+        c.message
+    );
+    env.wait_for_event("chat", "InputRewritten", MINUTE).await;
+    assert_eq!(llm.requests().len(), 2, "a rewritten input is never sent");
+
+    // Restoring it and appending goes on from the same conversation.
+    env.patch_spec(
+        "chat",
+        json!({"messages": ["second question", "third question"]}),
+    )
+    .await;
+    let third = env
+        .wait_for_session("chat", MINUTE, "third turn failed", |s| {
+            s.status
+                .as_ref()
+                .is_some_and(|st| st.processed_messages == 2)
+                && s.status.as_ref().and_then(|st| st.phase)
+                    == Some(ml_intern::api::SessionPhase::Failed)
+        })
+        .await;
+    // The script had two answers; the third call fails and says so, but the input was
+    // taken and the history carried.
+    assert_eq!(condition(&third, "Accepted").status, "True");
+    let requests = llm.wait_for_requests(3, MINUTE).await;
+    assert!(
+        roles_and_contents(&requests[2].body)
+            .contains(&("user".to_string(), "third question".to_string()))
+    );
+
+    let records = env.transcript("chat").await;
+    let inputs = records
+        .iter()
+        .filter(|r| matches!(r, Record::Input { .. }))
+        .count();
+    let turns = records
+        .iter()
+        .filter(|r| matches!(r, Record::TurnEnded { .. }))
+        .count();
+    assert_eq!((inputs, turns), (3, 3), "{records:#?}");
+
+    // What a user reads with the CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ml-intern"))
+        .args(["transcript", "chat", "-n", &env.namespace, "--messages"])
+        .output()
+        .expect("run ml-intern transcript");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let roles: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["role"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        ["system", "user", "assistant", "user", "assistant", "user"],
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn suspend_kills_the_running_tool_and_resume_finishes_the_turn() {
+    let env = E2e::start("suspend").await;
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "echo started >> /workspace/log; sleep 600; echo finished >> /workspace/log",
+                   "timeout": 900}),
+        )]),
+        Step::Answer("done after resume".into()),
+    ])
+    .await;
+    env.create_session(
+        "pausable",
+        json!({"prompt": "Work for a long time.", "model": "openai/x",
+               "llm": {"baseUrl": llm.base_url}, "sandbox": {"imagePullPolicy": "Never"}}),
+    )
+    .await;
+    let pod = "pausable-sandbox";
+    env.wait_for_exec(pod, &["cat", "/workspace/log"], 2 * MINUTE, |o| {
+        o.contains("started")
+    })
+    .await;
+
+    env.patch_spec("pausable", json!({"suspend": true})).await;
+    let suspended = env.wait_for_phase("pausable", "Suspended", MINUTE).await;
+    assert_eq!(condition(&suspended, "Running").reason, "Suspended");
+    env.wait_for_event("pausable", "Suspended", MINUTE).await;
+    // The tool's process is gone; the pod and its workspace stay.
+    env.wait_for_exec(pod, &["ps"], MINUTE, |o| {
+        !o.contains("sleep 600") && !o.is_empty()
+    })
+    .await;
+    assert_eq!(
+        env.exec(pod, &["cat", "/workspace/log"]).await.trim(),
+        "started"
+    );
+    assert_eq!(llm.requests().len(), 1, "nothing runs while suspended");
+
+    env.patch_spec("pausable", json!({"suspend": false})).await;
+    let done = env.wait_for_phase("pausable", "Succeeded", MINUTE).await;
+    assert_eq!(
+        done.status.unwrap().final_response.as_deref(),
+        Some("done after resume")
+    );
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 2);
+    assert_eq!(
+        tool_results(&requests[1].body),
+        vec![INTERRUPTED.to_string()]
+    );
+    env.wait_for_event("pausable", "TurnResumed", MINUTE).await;
+}
+
+#[tokio::test]
+async fn a_controller_killed_mid_turn_resumes_without_running_a_completed_call_twice() {
+    let mut env = E2e::start("crash").await;
+    let release = Arc::new(Notify::new());
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "echo one >> /workspace/ran; echo first-done"}),
+        )]),
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "echo two >> /workspace/ran; sleep 600", "timeout": 900}),
+        )]),
+        Step::AnswerWhenReleased(release.clone(), "finished after the restart".into()),
+    ])
+    .await;
+    env.create_session(
+        "durable",
+        json!({"prompt": "Append to a file twice.", "model": "openai/x",
+               "llm": {"baseUrl": llm.base_url}, "sandbox": {"imagePullPolicy": "Never"}}),
+    )
+    .await;
+    let pod = "durable-sandbox";
+    env.wait_for_exec(pod, &["cat", "/workspace/ran"], 2 * MINUTE, |o| {
+        o.contains("two")
+    })
+    .await;
+
+    // kill -9 while the second call runs.
+    env.stop_controller();
+    env.start_controller().await;
+
+    // The resumed turn asks the model again; meanwhile the sandbox shows each call ran once
+    // and the interrupted one was killed.
+    llm.wait_for_requests(3, 2 * MINUTE).await;
+    assert_eq!(
+        env.exec(pod, &["cat", "/workspace/ran"]).await,
+        "one\ntwo\n"
+    );
+    let ps = env.exec(pod, &["ps"]).await;
+    assert!(!ps.contains("sleep 600"), "{ps}");
+    release.notify_one();
+    let done = env.wait_for_phase("durable", "Succeeded", 2 * MINUTE).await;
+    let status = done.status.clone().unwrap();
+    assert_eq!(
+        status.final_response.as_deref(),
+        Some("finished after the restart")
+    );
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 3, "one model call per step, none repeated");
+    assert_eq!(
+        tool_results(&requests[2].body),
+        vec!["first-done\n".to_string(), INTERRUPTED.to_string()],
+        "the completed result came from the transcript, the in-flight call is reported interrupted"
+    );
+    env.wait_for_event("durable", "TurnResumed", MINUTE).await;
+
+    // The records show each call ran once: one result each, in order.
+    let records = env.transcript("durable").await;
+    let results: Vec<String> = ml_intern::store::replay(&records)
+        .history
+        .iter()
+        .filter_map(|m| match m {
+            ml_intern::agent::ChatMessage::Tool { content, .. } => Some(content.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        results,
+        vec!["first-done\n".to_string(), INTERRUPTED.to_string()]
+    );
+    assert!(
+        std::fs::read_to_string(&env.log)
+            .unwrap()
+            .contains("killed the processes of interrupted tool calls"),
+        "{}",
+        env.log_tail()
+    );
+}
