@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use ml_intern::controller::{self, ControllerConfig};
+use ml_intern::llm::catalog::ModelCatalog;
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +64,14 @@ struct ControllerArgs {
     /// count is the number of retries.
     #[arg(long, default_value = "5,15", value_delimiter = ',')]
     llm_retry_delays: Vec<f64>,
+    /// Seconds to wait before each retry of a rate-limited model call (HTTP 429 or a rate
+    /// limit message), comma separated.
+    #[arg(long, default_value = "30,60", value_delimiter = ',')]
+    llm_rate_limit_delays: Vec<f64>,
+    /// YAML file with the default model, context windows and prices (see
+    /// configs/controller/models.yaml, which is built in and used when unset).
+    #[arg(long, env = "ML_INTERN_MODEL_CONFIG")]
+    model_config: Option<PathBuf>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -87,6 +96,19 @@ async fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+fn seconds(flag: &str, values: &[f64]) -> Result<Vec<Duration>, String> {
+    values
+        .iter()
+        .map(|d| {
+            if d.is_finite() && *d >= 0.0 {
+                Ok(Duration::from_secs_f64(*d))
+            } else {
+                Err(format!("{flag}: {d} is not a number of seconds"))
+            }
+        })
+        .collect()
 }
 
 async fn print_transcript(
@@ -142,13 +164,17 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
         subscriber.init();
     }
     ml_intern::http::install_crypto_provider();
-    let mut delays = vec![];
-    for d in &args.llm_retry_delays {
-        if !d.is_finite() || *d < 0.0 {
-            return Err(format!("--llm-retry-delays: {d} is not a number of seconds").into());
+    let delays = seconds("--llm-retry-delays", &args.llm_retry_delays)?;
+    let rate_limit_delays = seconds("--llm-rate-limit-delays", &args.llm_rate_limit_delays)?;
+    let models = match &args.model_config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--model-config {}: {e}", path.display()))?;
+            ModelCatalog::parse(&text)
+                .map_err(|e| format!("--model-config {}: {e}", path.display()))?
         }
-        delays.push(Duration::from_secs_f64(*d));
-    }
+        None => ModelCatalog::builtin(),
+    };
     let config = ControllerConfig {
         namespace: args.namespace,
         max_concurrent_sessions: args.max_concurrent_sessions.max(1),
@@ -156,6 +182,8 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
         sandbox_startup_timeout: Duration::from_secs(args.sandbox_startup_timeout),
         llm_timeout: Duration::from_secs(args.llm_timeout),
         llm_retry_delays: delays,
+        llm_rate_limit_delays: rate_limit_delays,
+        models: std::sync::Arc::new(models),
         ..ControllerConfig::default()
     };
     let client = kube::Client::try_default()

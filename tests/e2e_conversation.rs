@@ -310,3 +310,73 @@ async fn a_controller_killed_mid_turn_resumes_without_running_a_completed_call_t
         env.log_tail()
     );
 }
+
+#[tokio::test]
+async fn plan_cost_and_budget_show_in_status_and_the_budget_ends_the_session() {
+    let models = std::env::temp_dir().join(format!("ml-intern-models-{}.yaml", std::process::id()));
+    std::fs::write(
+        &models,
+        "models:\n  - match: \"openai/priced*\"\n    contextWindow: 100000\n    \
+         price: {inputPerMillion: 1.0, outputPerMillion: 2.0}\n",
+    )
+    .unwrap();
+    let env = E2e::start_with(
+        "budget",
+        support::E2eOptions {
+            controller_args: vec!["--model-config".into(), models.display().to_string()],
+        },
+    )
+    .await;
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![(
+            "plan_tool",
+            json!({"todos": [
+                {"id": "1", "content": "prepare data", "status": "completed"},
+                {"id": "2", "content": "train the model", "status": "in_progress"}
+            ]}),
+        )]),
+        Step::Answer("I think I am done.".into()),
+        Step::ToolCalls(vec![("bash", json!({"command": "echo training"}))]),
+        Step::Answer("never reached".into()),
+    ])
+    .await;
+    // Each scripted call reports 100 prompt and 10 completion tokens.
+    env.create_session(
+        "capped",
+        json!({"prompt": "Train something.", "model": "openai/priced-model",
+               "llm": {"baseUrl": llm.base_url}, "sandbox": {"imagePullPolicy": "Never"},
+               "budget": {"maxTokens": 300}}),
+    )
+    .await;
+    let failed = env.wait_for_phase("capped", "Failed", 2 * MINUTE).await;
+    let c = condition(&failed, "Failed");
+    assert_eq!(c.reason, "BudgetExceeded");
+    assert!(c.message.contains("330 tokens"), "{}", c.message);
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 3, "no call past the budget");
+    assert!(
+        roles_and_contents(&requests[2].body)
+            .iter()
+            .any(|(role, c)| role == "user" && c.starts_with("[SYSTEM: CONTINUATION GUARD]")),
+        "the text answer with an unfinished plan was sent back to work"
+    );
+    let status = failed.status.unwrap();
+    let plan: Vec<(&str, &str)> = status
+        .plan
+        .iter()
+        .map(|p| (p.content.as_str(), p.status.as_str()))
+        .collect();
+    assert_eq!(
+        plan,
+        vec![
+            ("prepare data", "completed"),
+            ("train the model", "in_progress")
+        ]
+    );
+    let usage = status.usage.unwrap();
+    assert_eq!((usage.prompt_tokens, usage.completion_tokens), (300, 30));
+    assert_eq!(usage.estimated_cost_usd.as_deref(), Some("0.000360"));
+    let context = status.context.unwrap();
+    assert_eq!((context.window, context.tokens), (100_000, 100));
+    let _ = std::fs::remove_file(&models);
+}

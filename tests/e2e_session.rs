@@ -360,6 +360,10 @@ async fn model_http_errors_fail_fast_or_are_retried() {
     assert!(!format!("{failed:?}").contains("sk-wrong-key-value"));
 
     let flaky = ScriptedLlm::start(vec![
+        Step::Error(
+            429,
+            json!({"error": {"message": "Rate limit reached", "type": "rate_limit_error"}}),
+        ),
         Step::Error(503, json!({"error": {"message": "overloaded"}})),
         Step::Answer("fine now".into()),
     ])
@@ -374,7 +378,10 @@ async fn model_http_errors_fail_fast_or_are_retried() {
         done.status.unwrap().final_response.as_deref(),
         Some("fine now")
     );
-    assert_eq!(flaky.requests().len(), 2);
+    assert_eq!(flaky.requests().len(), 3);
+    // Each class of failure is named in its own Event.
+    env.wait_for_event("flaky", "RateLimited", MINUTE).await;
+    env.wait_for_event("flaky", "LLMRetrying", MINUTE).await;
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::llm::Usage;
+use crate::tools::plan::PlanItem;
 
 /// Serialized with ml-intern's `event_type` names, as they are stored in the transcript.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -14,6 +15,8 @@ pub enum AgentEvent {
     Processing,
     /// One model call finished.
     LlmCall {
+        /// The call summarized the conversation for compaction.
+        compaction: bool,
         usage: Usage,
         finish_reason: Option<String>,
         latency_ms: u64,
@@ -33,6 +36,8 @@ pub enum AgentEvent {
         output: String,
         success: bool,
     },
+    /// `plan_tool` replaced the plan.
+    PlanUpdate { plan: Vec<PlanItem> },
     /// A progress line: a guard's corrective message (tool `system`) or a tool's progress.
     ToolLog { tool: String, log: String },
     /// A model call failed in a way that may pass and is retried after `delay_secs`.
@@ -41,6 +46,8 @@ pub enum AgentEvent {
         delay_secs: f32,
         rate_limited: bool,
     },
+    /// The conversation was compacted to fit the context window.
+    Compacted { old_tokens: u64, new_tokens: u64 },
     /// The turn ended with the model's answer.
     TurnComplete { final_response: String },
     /// The turn was stopped from outside (suspend, deletion) or by a restart; tool calls

@@ -191,6 +191,42 @@ pub fn truncation_warning(dropped: &[String]) -> String {
     )
 }
 
+/// Most continuation nudges in one turn.
+pub const MAX_CONTINUATION_NUDGES: u32 = 2;
+pub const CONTINUATION_MARKER: &str = "[SYSTEM: CONTINUATION GUARD]";
+
+/// When the model answers with text while its plan has unfinished items, the nudge that
+/// sends it back to work.
+pub fn continuation_warning(history: &[ChatMessage]) -> Option<String> {
+    use crate::tools::plan::{PlanStatus, plan_from_history};
+    let plan = plan_from_history(history)?;
+    let open: Vec<String> = plan
+        .iter()
+        .filter(|i| i.status != PlanStatus::Completed)
+        .map(|i| {
+            let status = if i.status == PlanStatus::InProgress {
+                "in_progress"
+            } else {
+                "pending"
+            };
+            format!("{}. {} [{status}]", i.id, i.content)
+        })
+        .collect();
+    if open.is_empty() {
+        return None;
+    }
+    let mut listed = open.iter().take(4).cloned().collect::<Vec<_>>().join("; ");
+    if open.len() > 4 {
+        listed.push_str(&format!("; ... and {} more", open.len() - 4));
+    }
+    Some(format!(
+        "{CONTINUATION_MARKER} You answered without a tool call, but your plan has unfinished \
+         items: {listed}. Keep working: make at least one tool call now. If an item is no \
+         longer needed, update the plan with plan_tool; if you are blocked, mark what you \
+         finished and say what blocks you."
+    ))
+}
+
 /// Gives every tool call without a result a stub result right after its block, so the
 /// history is valid for providers that reject unanswered calls (an interrupted turn leaves
 /// such calls behind). Returns how many stubs were added.

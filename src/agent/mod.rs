@@ -2,6 +2,8 @@
 //! a model and its tools. Nothing here knows about Kubernetes, so the same loop can run in
 //! the controller, in tests without a cluster, or in a local process.
 
+pub mod budget;
+pub mod context;
 pub mod event;
 pub mod guards;
 pub mod journal;

@@ -8,18 +8,29 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+pub use super::budget::Budget;
+use super::budget::Spend;
+use super::context::{self, ContextMeter};
 use super::journal::{Journal, JournalError};
 use super::{AgentEvent, ChatMessage, ToolCall, guards};
 use crate::llm::{ChatModel, ChatResponse, LlmError};
+use crate::tools::plan::{PLAN_TOOL, parse_plan};
 use crate::tools::{ToolFailure, ToolOutput, ToolRouter};
 
 #[derive(Clone, Debug)]
 pub struct TurnConfig {
     /// Most model calls in this turn.
     pub max_iterations: u32,
-    /// Waits before each retry of a retryable model failure; its length is the number of
-    /// retries.
+    /// Waits before each retry of a transient model failure (5xx, network); its length is
+    /// the number of retries.
     pub llm_retry_delays: Vec<Duration>,
+    /// The same for rate limiting, which usually needs longer.
+    pub rate_limit_delays: Vec<Duration>,
+    /// The model's context window in tokens; compaction starts at 90% of it.
+    pub context_window: u64,
+    pub budget: Budget,
+    /// What the session spent before this turn.
+    pub spent: Spend,
 }
 
 impl Default for TurnConfig {
@@ -27,6 +38,10 @@ impl Default for TurnConfig {
         TurnConfig {
             max_iterations: 300,
             llm_retry_delays: vec![Duration::from_secs(5), Duration::from_secs(15)],
+            rate_limit_delays: vec![Duration::from_secs(30), Duration::from_secs(60)],
+            context_window: 200_000,
+            budget: Budget::default(),
+            spent: Spend::default(),
         }
     }
 }
@@ -41,6 +56,10 @@ pub enum TurnOutcome {
     Failed(TurnFailure),
     /// The turn was interrupted from outside.
     Cancelled,
+    /// `spec.budget` is used up.
+    BudgetExceeded { message: String },
+    /// The conversation does not fit the model's context window, even compacted.
+    ContextOverflow { message: String },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -95,6 +114,9 @@ impl Turn<'_> {
         let specs = self.tools.specs();
         let mut saved = history.len();
         let mut iterations = 0;
+        let mut nudges = 0;
+        let mut spent = self.config.spent;
+        let mut meter = ContextMeter::default();
         while iterations < self.config.max_iterations {
             iterations += 1;
             if guards::repair_dangling_calls(history) > 0 {
@@ -110,14 +132,39 @@ impl Turn<'_> {
             {
                 self.correct(history, warning).await;
             }
+            if let Some(message) = self.config.budget.exceeded(&spent) {
+                self.save(history, &mut saved).await.map_err(failed)?;
+                return Ok(TurnOutcome::BudgetExceeded { message });
+            }
+            if meter.tokens(history) > self.threshold() {
+                if let Err(message) = self.compact(history, &mut meter, &mut spent).await {
+                    self.save(history, &mut saved).await.map_err(failed)?;
+                    return Ok(TurnOutcome::ContextOverflow { message });
+                }
+                saved = history.len();
+            }
             let response = tokio::select! {
                 _ = cancel.cancelled() => return Ok(TurnOutcome::Cancelled),
-                r = self.call_with_retries(history, &specs) => r,
+                r = self.call_with_retries(history, &specs, false) => r,
             };
             let response = match response {
                 Ok(r) => r,
+                Err(e) if e.is_context_overflow() => {
+                    // The provider counted more than the estimate: compact now and ask again.
+                    if let Err(message) = self.compact(history, &mut meter, &mut spent).await {
+                        self.save(history, &mut saved).await.map_err(failed)?;
+                        return Ok(TurnOutcome::ContextOverflow {
+                            message: format!("{e}; {message}"),
+                        });
+                    }
+                    saved = history.len();
+                    iterations -= 1;
+                    continue;
+                }
                 Err(e) => return Ok(TurnOutcome::Failed(TurnFailure::Llm(e))),
             };
+            spent.add(&response.usage, self.config.budget.price.as_ref());
+            meter.record(&response.usage, history.len());
             if let Some(text) = &response.content {
                 emit(
                     self.events,
@@ -142,6 +189,20 @@ impl Turn<'_> {
                 }
                 self.correct(history, guards::truncation_warning(&dropped))
                     .await;
+                continue;
+            }
+            if response.tool_calls.is_empty()
+                && nudges < guards::MAX_CONTINUATION_NUDGES
+                && let Some(warning) = guards::continuation_warning(history)
+            {
+                nudges += 1;
+                if let Some(text) = response.content {
+                    history.push(ChatMessage::Assistant {
+                        content: Some(text),
+                        tool_calls: vec![],
+                    });
+                }
+                self.correct(history, warning).await;
                 continue;
             }
             if response.tool_calls.is_empty() {
@@ -200,6 +261,61 @@ impl Turn<'_> {
         Ok(TurnOutcome::MaxIterationsReached { iterations })
     }
 
+    fn threshold(&self) -> u64 {
+        (self.config.context_window as f64 * context::COMPACT_AT) as u64
+    }
+
+    /// Replaces the middle of the conversation by a summary the model writes.
+    async fn compact(
+        &self,
+        history: &mut Vec<ChatMessage>,
+        meter: &mut ContextMeter,
+        spent: &mut Spend,
+    ) -> Result<(), String> {
+        let window = self.config.context_window;
+        let old_tokens = meter.tokens(history);
+        let Some((first_user, tail)) = context::compaction_cut(history) else {
+            return Err(format!(
+                "the conversation (about {old_tokens} tokens) does not fit 90% of the model's \
+                 {window}-token context window and has nothing left to compact; give the model \
+                 a larger window in the controller's model config or split the task"
+            ));
+        };
+        let request = context::summary_request(history, tail);
+        let response = self
+            .call_with_retries(&request, &[], true)
+            .await
+            .map_err(|e| format!("compaction failed: the summary call failed: {e}"))?;
+        spent.add(&response.usage, self.config.budget.price.as_ref());
+        let summary = response.content.unwrap_or_default();
+        if summary.trim().is_empty() {
+            return Err("compaction failed: the model returned an empty summary".into());
+        }
+        let new_history = context::compacted(history, first_user, tail, &summary);
+        meter.reset();
+        let new_tokens = meter.tokens(&new_history);
+        if new_tokens > self.threshold() {
+            return Err(format!(
+                "the conversation is still about {new_tokens} tokens after compaction, above \
+                 90% of the model's {window}-token context window"
+            ));
+        }
+        self.journal
+            .replace(&new_history)
+            .await
+            .map_err(|e| format!("compaction could not be recorded: {e}"))?;
+        *history = new_history;
+        emit(
+            self.events,
+            AgentEvent::Compacted {
+                old_tokens,
+                new_tokens,
+            },
+        )
+        .await;
+        Ok(())
+    }
+
     /// Runs one call and records its result as soon as it exists.
     async fn run_call(&self, call: &ParsedCall) -> Result<ChatMessage, TurnFailure> {
         let output = match &call.arguments {
@@ -216,6 +332,12 @@ impl Turn<'_> {
             content: output.content.clone(),
         };
         self.journal.append(std::slice::from_ref(&message)).await?;
+        if output.success
+            && call.stored.name == PLAN_TOOL
+            && let Some(plan) = call.arguments.as_ref().and_then(|a| parse_plan(a).ok())
+        {
+            emit(self.events, AgentEvent::PlanUpdate { plan }).await;
+        }
         emit(
             self.events,
             AgentEvent::ToolOutput {
@@ -255,8 +377,10 @@ impl Turn<'_> {
         &self,
         history: &[ChatMessage],
         specs: &[crate::llm::ToolSpec],
+        compaction: bool,
     ) -> Result<ChatResponse, LlmError> {
-        let mut delays = self.config.llm_retry_delays.iter();
+        let mut transient = self.config.llm_retry_delays.iter();
+        let mut rate_limited = self.config.rate_limit_delays.iter();
         loop {
             let started = Instant::now();
             match self.model.complete(history, specs).await {
@@ -264,6 +388,7 @@ impl Turn<'_> {
                     emit(
                         self.events,
                         AgentEvent::LlmCall {
+                            compaction,
                             usage: r.usage,
                             finish_reason: r.finish_reason.clone(),
                             latency_ms: started.elapsed().as_millis() as u64,
@@ -272,14 +397,18 @@ impl Turn<'_> {
                     .await;
                     return Ok(r);
                 }
-                Err(e) if e.is_retryable() => match delays.next() {
+                Err(e) if e.is_retryable() => match if e.is_rate_limit() {
+                    rate_limited.next()
+                } else {
+                    transient.next()
+                } {
                     Some(delay) => {
                         emit(
                             self.events,
                             AgentEvent::LlmRetry {
                                 message: e.to_string(),
                                 delay_secs: delay.as_secs_f32(),
-                                rate_limited: matches!(e, LlmError::Http { status: 429, .. }),
+                                rate_limited: e.is_rate_limit(),
                             },
                         )
                         .await;
@@ -420,6 +549,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 10,
                 completion_tokens: 2,
+                cached_tokens: 0,
             },
             ..Default::default()
         }
@@ -634,6 +764,7 @@ mod tests {
         let config = TurnConfig {
             max_iterations: 5,
             llm_retry_delays: vec![Duration::from_millis(1)],
+            ..TurnConfig::default()
         };
         let model = Script::new(vec![Err(unreachable()), Ok(answer("recovered"))]);
         let (outcome, _, events) = run(&model, &router(), config.clone()).await;
@@ -806,5 +937,212 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, vec!["slow", "fast"]);
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_plan_gets_at_most_two_continuation_nudges() {
+        let mut tools = ToolRouter::new();
+        tools.register(Arc::new(crate::tools::PlanTool));
+        let plan = r#"{"todos":[{"id":"1","content":"train","status":"in_progress"}]}"#;
+        let model = Script::new(vec![
+            Ok(calls(&[("p", "plan_tool", plan)])),
+            Ok(answer("I will train now.")),
+            Ok(answer("Still planning.")),
+            Ok(answer("Giving up.")),
+        ]);
+        let (outcome, history, events) = run(&model, &tools, TurnConfig::default()).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Completed {
+                final_response: "Giving up.".into()
+            }
+        );
+        let nudges = history
+            .iter()
+            .filter(|m| matches!(m, ChatMessage::User { content } if content.starts_with(guards::CONTINUATION_MARKER)))
+            .count();
+        assert_eq!(nudges, 2);
+        assert!(
+            events.iter().any(
+                |e| matches!(e, AgentEvent::PlanUpdate { plan } if plan[0].content == "train")
+            )
+        );
+
+        // A finished plan lets the answer through at once.
+        let done = r#"{"todos":[{"id":"1","content":"train","status":"completed"}]}"#;
+        let model = Script::new(vec![
+            Ok(calls(&[("p", "plan_tool", done)])),
+            Ok(answer("Trained.")),
+        ]);
+        let (outcome, _, _) = run(&model, &tools, TurnConfig::default()).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Completed {
+                final_response: "Trained.".into()
+            }
+        );
+    }
+
+    fn http(status: u16, message: &str) -> LlmError {
+        LlmError::Http {
+            url: "u".into(),
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// A call whose result is about 200 tokens; no usage reported, so the context is
+    /// estimated.
+    fn big_call(id: &str) -> ChatResponse {
+        let text = "x".repeat(800);
+        ChatResponse {
+            usage: Usage::default(),
+            ..calls(&[(id, "echo", &format!(r#"{{"text":"{text}"}}"#))])
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_context_is_compacted_into_a_summary_and_the_turn_goes_on() {
+        let model = Script::new(vec![
+            Ok(big_call("a")),
+            Ok(big_call("b")),
+            Ok(big_call("c")),
+            Ok(big_call("d")),
+            Ok(answer("SUMMARY: echoed four times")),
+            Ok(answer("done")),
+        ]);
+        // About 413 tokens per call: four fit under 90% of 1600, five do not.
+        let config = TurnConfig {
+            context_window: 1600,
+            ..TurnConfig::default()
+        };
+        let (outcome, history, events) = run(&model, &router(), config).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Completed {
+                final_response: "done".into()
+            }
+        );
+        let seen = model.seen.lock().unwrap();
+        let summary_request = &seen[4];
+        assert!(
+            matches!(summary_request.last(), Some(ChatMessage::User { content }) if content == context::SUMMARY_REQUEST)
+        );
+        // The call after compaction: system, task, summary, then the kept tail.
+        let after = &seen[5];
+        assert_eq!(after[0], ChatMessage::system("s"));
+        assert_eq!(after[1], ChatMessage::user("task"));
+        assert!(
+            matches!(&after[2], ChatMessage::User { content } if content.starts_with(context::SUMMARY_PREFIX) && content.ends_with("echoed four times"))
+        );
+        assert!(after.len() < seen[3].len() + 2);
+        assert!(events.iter().any(|e| matches!(e, AgentEvent::Compacted { new_tokens, old_tokens } if new_tokens < old_tokens)));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            AgentEvent::LlmCall {
+                compaction: true,
+                ..
+            }
+        )));
+        assert_eq!(
+            history.last(),
+            Some(&ChatMessage::Assistant {
+                content: Some("done".into()),
+                tool_calls: vec![]
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overflow_error_forces_compaction_and_one_that_cannot_shrink_ends_the_turn() {
+        let model = Script::new(vec![
+            Ok(big_call("a")),
+            Ok(big_call("b")),
+            Ok(big_call("c")),
+            Err(http(
+                400,
+                "This model's maximum context length is 1000 tokens",
+            )),
+            Ok(answer("summary")),
+            Ok(answer("done")),
+        ]);
+        let (outcome, _, events) = run(&model, &router(), TurnConfig::default()).await;
+        assert_eq!(
+            outcome,
+            TurnOutcome::Completed {
+                final_response: "done".into()
+            }
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, AgentEvent::Compacted { .. }))
+        );
+
+        // Nothing between the task and the tail: no way under the limit.
+        let model = Script::new(vec![Err(http(400, "prompt is too long"))]);
+        let (outcome, _, _) = run(&model, &router(), TurnConfig::default()).await;
+        match outcome {
+            TurnOutcome::ContextOverflow { message } => {
+                assert!(message.contains("nothing left to compact"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_budget_stops_the_turn_before_the_call_that_would_pass_it() {
+        let model = Script::new(vec![
+            Ok(calls(&[("a", "echo", r#"{"text":"1"}"#)])),
+            Ok(calls(&[("b", "echo", r#"{"text":"2"}"#)])),
+            Ok(answer("never asked")),
+        ]);
+        let config = TurnConfig {
+            budget: Budget {
+                max_tokens: Some(30),
+                ..Budget::default()
+            },
+            spent: crate::agent::budget::Spend {
+                tokens: 10,
+                usd: 0.0,
+            },
+            ..TurnConfig::default()
+        };
+        let (outcome, _, _) = run(&model, &router(), config).await;
+        match outcome {
+            TurnOutcome::BudgetExceeded { message } => {
+                assert!(message.contains("34 tokens"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(model.seen.lock().unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn rate_limits_and_transient_errors_follow_their_own_schedules() {
+        let config = TurnConfig {
+            llm_retry_delays: vec![Duration::from_millis(1)],
+            rate_limit_delays: vec![],
+            ..TurnConfig::default()
+        };
+        let model = Script::new(vec![Err(http(503, "overloaded")), Ok(answer("ok"))]);
+        let (outcome, _, events) = run(&model, &router(), config.clone()).await;
+        assert!(matches!(outcome, TurnOutcome::Completed { .. }));
+        assert!(events.iter().any(|e| matches!(
+            e,
+            AgentEvent::LlmRetry {
+                rate_limited: false,
+                ..
+            }
+        )));
+        let model = Script::new(vec![Err(http(429, "slow down")), Ok(answer("ok"))]);
+        let (outcome, _, _) = run(&model, &router(), config).await;
+        assert!(
+            matches!(
+                outcome,
+                TurnOutcome::Failed(TurnFailure::Llm(LlmError::Http { status: 429, .. }))
+            ),
+            "no rate-limit retries were configured: {outcome:?}"
+        );
     }
 }

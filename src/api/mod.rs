@@ -3,8 +3,9 @@
 pub mod session;
 
 pub use session::{
-    AgentSession, AgentSessionSpec, AgentSessionStatus, LlmApi, LlmSpec, SandboxSpec,
-    SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage, TranscriptStatus,
+    AgentSession, AgentSessionSpec, AgentSessionStatus, BudgetSpec, ContextStatus, LlmApi, LlmSpec,
+    PlanEntry, SandboxSpec, SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage,
+    TranscriptStatus,
 };
 
 /// API group of every resource this operator defines.

@@ -49,14 +49,16 @@ pub struct AgentSessionSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
 
-    /// Model id. With `llm.api: openai`, `openai/<id>` talks to `llm.baseUrl` (default
+    /// Model id; the controller's default model (its model config) when unset. With
+    /// `llm.api: openai`, `openai/<id>` talks to `llm.baseUrl` (default
     /// https://api.openai.com/v1) with model `<id>`, and any other id, such as
     /// `moonshotai/Kimi-K2.6:novita`, is sent unchanged to `llm.baseUrl` (default the
     /// Hugging Face inference router, https://router.huggingface.co/v1). With
     /// `llm.api: anthropic`, `anthropic/<id>` or `<id>` is sent as `<id>` to `llm.baseUrl`
     /// (default https://api.anthropic.com).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1))]
-    pub model: String,
+    pub model: Option<String>,
 
     /// How to reach the model.
     #[serde(default)]
@@ -71,6 +73,27 @@ pub struct AgentSessionSpec {
     /// The pod in which the agent's tool calls run.
     #[serde(default)]
     pub sandbox: SandboxSpec,
+
+    /// Spending limits over the whole session; the session fails with `BudgetExceeded`
+    /// before the model call that would go past them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
+}
+
+/// Limits on what a session may spend on model calls.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetSpec {
+    /// Most prompt plus completion tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_tokens: Option<u64>,
+    /// Most estimated cost in USD, as a decimal string such as "5" or "12.50", priced with
+    /// the controller's model config. A model without a price there cannot be held to it:
+    /// the session is then refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
+    pub max_cost_usd: Option<String>,
 }
 
 fn default_max_iterations() -> u32 {
@@ -220,6 +243,10 @@ pub struct AgentSessionStatus {
     #[serde(default)]
     pub tool_calls: u32,
 
+    /// The agent's plan as it last set it with `plan_tool` (at most 50 items).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan: Vec<PlanEntry>,
+
     /// How many entries of `spec.messages` the agent has taken so far.
     #[serde(default)]
     pub processed_messages: u32,
@@ -235,6 +262,10 @@ pub struct AgentSessionStatus {
     /// The sandbox pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxStatus>,
+
+    /// Context window use and compactions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<ContextStatus>,
 
     /// Tokens reported by the model endpoint, summed over the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -252,6 +283,21 @@ pub struct AgentSessionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
+
+/// One item of the agent's plan.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanEntry {
+    /// The agent's id for the item.
+    pub id: String,
+    /// What the item is about (cut to 300 characters).
+    pub content: String,
+    /// `pending`, `in_progress` or `completed`.
+    pub status: String,
+}
+
+/// Most plan items mirrored into status.
+pub const PLAN_MAX_ITEMS: usize = 50;
 
 /// The session's transcript: gzip-compressed JSON-lines records in ConfigMaps owned by the
 /// session (`ml-intern transcript <session>` prints it).
@@ -276,12 +322,34 @@ pub struct SandboxStatus {
     pub pod_name: String,
 }
 
-/// Token counts as the model endpoint reported them.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, JsonSchema)]
+/// Token counts as the model endpoint reported them, and their estimated cost.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenUsage {
-    /// Prompt (input) tokens.
+    /// Prompt (input) tokens, cached ones included.
     pub prompt_tokens: u64,
     /// Completion (output) tokens.
     pub completion_tokens: u64,
+    /// Prompt tokens served from the provider's cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Estimated cost in USD from the controller's price table; absent when the model has
+    /// no price there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost_usd: Option<String>,
+}
+
+/// How full the model's context is.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContextStatus {
+    /// The model's context window in tokens (from the controller's model config).
+    pub window: u64,
+    /// Prompt tokens of the latest model call.
+    pub tokens: u64,
+    /// Times the conversation was compacted.
+    pub compactions: u32,
+    /// When it was last compacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_compacted_at: Option<Time>,
 }

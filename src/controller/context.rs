@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::AgentSession;
+use crate::llm::catalog::ModelCatalog;
 use crate::server::Metrics;
 use crate::text::truncate_chars;
 
@@ -29,8 +30,12 @@ pub struct ControllerConfig {
     pub sandbox_startup_timeout: Duration,
     /// Timeout of one model call.
     pub llm_timeout: Duration,
-    /// Waits between retries of a failing model call.
+    /// Waits between retries of a model call that failed transiently.
     pub llm_retry_delays: Vec<Duration>,
+    /// Waits between retries of a rate-limited model call.
+    pub llm_rate_limit_delays: Vec<Duration>,
+    /// Context windows, prices and the default model.
+    pub models: Arc<ModelCatalog>,
     /// How often a session waiting for a Secret looks again.
     pub pending_recheck: Duration,
 }
@@ -44,6 +49,8 @@ impl Default for ControllerConfig {
             sandbox_startup_timeout: Duration::from_secs(300),
             llm_timeout: Duration::from_secs(600),
             llm_retry_delays: vec![Duration::from_secs(5), Duration::from_secs(15)],
+            llm_rate_limit_delays: vec![Duration::from_secs(30), Duration::from_secs(60)],
+            models: Arc::new(ModelCatalog::builtin()),
             pending_recheck: Duration::from_secs(10),
         }
     }

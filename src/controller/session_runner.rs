@@ -17,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::context::{Context, SessionEntry};
 use super::status::{StatusWriter, condition};
+use crate::agent::budget::{Budget, Spend};
 use crate::agent::guards;
 use crate::agent::prompt::SYSTEM_PROMPT;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
-use crate::api::session::FINAL_RESPONSE_MAX_BYTES;
+use crate::api::session::{FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS};
 use crate::api::{
-    AgentSession, AgentSessionSpec, LlmApi, SandboxStatus, SessionPhase, TokenUsage,
-    TranscriptStatus,
+    AgentSession, AgentSessionSpec, ContextStatus, LlmApi, PlanEntry, SandboxStatus, SessionPhase,
+    TokenUsage, TranscriptStatus,
 };
 use crate::llm::{ChatModel, ModelSettings, WireApi, client_for};
 use crate::redact::Redactor;
@@ -31,7 +32,7 @@ use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
 use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
-use crate::tools::{BashTool, ToolRouter};
+use crate::tools::{BashTool, PlanTool, ToolFailure, ToolRouter};
 
 /// Runs the session until it has nothing left to do, then marks it finished in the context.
 pub async fn run_session(
@@ -316,14 +317,23 @@ impl SessionRun {
         }
     }
 
-    fn model(&self) -> Box<dyn ChatModel> {
+    /// The session's model, or the controller's default.
+    fn model_id(&self) -> Option<String> {
+        self.session
+            .spec
+            .model
+            .clone()
+            .or_else(|| self.ctx.config.models.default_model.clone())
+    }
+
+    fn model(&self, model: &str) -> Box<dyn ChatModel> {
         let spec = &self.session.spec;
         client_for(ModelSettings {
             api: match spec.llm.api {
                 LlmApi::Openai => WireApi::OpenAiChat,
                 LlmApi::Anthropic => WireApi::AnthropicMessages,
             },
-            model: &spec.model,
+            model,
             base_url: spec.llm.base_url.as_deref(),
             api_key: self.api_key.clone(),
             timeout: self.ctx.config.llm_timeout,
@@ -393,6 +403,18 @@ impl SessionRun {
             .set_condition(condition::FAILED, false, "TurnRunning", "a turn is running");
         self.status_dirty = true;
         self.flush_status(&conversation.store).await;
+        let config = match self.turn_config() {
+            Ok(c) => c,
+            Err((reason, message)) => {
+                let refused = TurnOutcome::Failed(TurnFailure::Tool(ToolFailure {
+                    reason: reason.into(),
+                    message,
+                }));
+                self.end_turn(conversation, refused).await;
+                return TurnEnd::Done;
+            }
+        };
+        let model_id = self.model_id().unwrap_or_default();
         let verb = if resumed { "resumed" } else { "started" };
         self.ctx
             .publish(
@@ -402,22 +424,19 @@ impl SessionRun {
                 format!(
                     "turn {verb} on {} with model {}",
                     input_field(conversation.input_digests.len().saturating_sub(1)),
-                    self.session.spec.model
+                    model_id
                 ),
             )
             .await;
 
-        let model = self.model();
+        let model = self.model(&model_id);
         let (sandbox_tx, mut sandbox_rx) = mpsc::channel(8);
         let Some(sandbox) = self.sandbox(sandbox_tx) else {
             return TurnEnd::Deleted;
         };
         let mut tools = ToolRouter::new();
         tools.register(Arc::new(BashTool::new(sandbox.clone())));
-        let config = TurnConfig {
-            max_iterations: self.session.spec.max_iterations,
-            llm_retry_delays: self.ctx.config.llm_retry_delays.clone(),
-        };
+        tools.register(Arc::new(PlanTool));
         let (events_tx, mut events_rx) = mpsc::channel(256);
         let turn_cancel = cancel.child_token();
         let mut history = std::mem::take(&mut conversation.history);
@@ -484,6 +503,62 @@ impl SessionRun {
         TurnEnd::Done
     }
 
+    /// Limits of the turn: iterations, retries, the model's window and the budget left.
+    fn turn_config(&mut self) -> Result<TurnConfig, (&'static str, String)> {
+        let Some(model) = self.model_id() else {
+            return Err((
+                "NoModel",
+                "spec.model is unset and the controller's model config has no defaultModel".into(),
+            ));
+        };
+        let info = self.ctx.config.models.lookup(&model);
+        let limits = self.session.spec.budget.clone().unwrap_or_default();
+        let max_usd = match limits.max_cost_usd.as_deref().map(str::parse::<f64>) {
+            None => None,
+            Some(Ok(v)) if info.price.is_some() => Some(v),
+            Some(Ok(_)) => {
+                return Err((
+                    "BudgetUnpriced",
+                    format!(
+                        "spec.budget.maxCostUsd is set but model {model} has no price in the controller's model config; add one there or limit spec.budget.maxTokens instead"
+                    ),
+                ));
+            }
+            Some(Err(e)) => {
+                return Err((
+                    "InvalidBudget",
+                    format!("spec.budget.maxCostUsd is not a number: {e}"),
+                ));
+            }
+        };
+        let usage = self.status.status.usage.clone().unwrap_or_default();
+        let context = self
+            .status
+            .status
+            .context
+            .get_or_insert_with(ContextStatus::default);
+        context.window = info.context_window;
+        Ok(TurnConfig {
+            max_iterations: self.session.spec.max_iterations,
+            llm_retry_delays: self.ctx.config.llm_retry_delays.clone(),
+            rate_limit_delays: self.ctx.config.llm_rate_limit_delays.clone(),
+            context_window: info.context_window,
+            budget: Budget {
+                max_tokens: limits.max_tokens,
+                max_usd,
+                price: info.price,
+            },
+            spent: Spend {
+                tokens: usage.prompt_tokens + usage.completion_tokens,
+                usd: usage
+                    .estimated_cost_usd
+                    .as_deref()
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0.0),
+            },
+        })
+    }
+
     /// A turn that was stopped mid-way (suspend, controller restart) goes on: whatever its
     /// tool calls left running is killed, and calls without a result are answered as
     /// interrupted.
@@ -526,18 +601,57 @@ impl SessionRun {
         store.defer(&event_record(&event));
         let metrics = &self.ctx.metrics;
         match event {
-            AgentEvent::LlmCall { usage, .. } => {
+            AgentEvent::LlmCall {
+                usage, compaction, ..
+            } => {
                 metrics.llm_calls.inc();
                 metrics.llm_prompt_tokens.inc_by(usage.prompt_tokens);
                 metrics
                     .llm_completion_tokens
                     .inc_by(usage.completion_tokens);
+                let price = self
+                    .model_id()
+                    .and_then(|m| self.ctx.config.models.lookup(&m).price);
                 let s = &mut self.status.status;
-                s.iterations += 1;
+                if !compaction {
+                    s.iterations += 1;
+                    if let Some(c) = s.context.as_mut() {
+                        c.tokens = usage.prompt_tokens;
+                    }
+                }
                 let total = s.usage.get_or_insert_with(TokenUsage::default);
                 total.prompt_tokens += usage.prompt_tokens;
                 total.completion_tokens += usage.completion_tokens;
+                total.cached_tokens += usage.cached_tokens;
+                if let Some(p) = price {
+                    let before: f64 = total
+                        .estimated_cost_usd
+                        .as_deref()
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0.0);
+                    total.estimated_cost_usd = Some(format!("{:.6}", before + p.cost_usd(&usage)));
+                }
                 self.status_dirty = true;
+            }
+            AgentEvent::Compacted {
+                old_tokens,
+                new_tokens,
+            } => {
+                let c = self
+                    .status
+                    .status
+                    .context
+                    .get_or_insert_with(ContextStatus::default);
+                c.compactions += 1;
+                c.last_compacted_at = Some(Time(Timestamp::now()));
+                self.status_dirty = true;
+                let note = format!(
+                    "the conversation was compacted from about {old_tokens} to {new_tokens} tokens to fit the model's context window"
+                );
+                tracing::info!(session = %self.name(), %note);
+                self.ctx
+                    .publish(&self.object, EventType::Normal, "Compacted", note)
+                    .await;
             }
             AgentEvent::ToolCall {
                 tool, arguments, ..
@@ -583,6 +697,21 @@ impl SessionRun {
             } => {
                 let output = self.redact(&truncate_chars(&output, 500));
                 tracing::debug!(session = %self.name(), %tool, success, %output, "tool finished");
+            }
+            AgentEvent::PlanUpdate { plan } => {
+                self.status.status.plan = plan
+                    .iter()
+                    .take(PLAN_MAX_ITEMS)
+                    .map(|item| PlanEntry {
+                        id: truncate_chars(&item.id, 40),
+                        content: self.redact(&truncate_chars(&item.content, 300)),
+                        status: serde_json::to_value(&item.status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                    })
+                    .collect();
+                self.status_dirty = true;
             }
             AgentEvent::Processing
             | AgentEvent::AssistantMessage { .. }
@@ -666,6 +795,14 @@ impl SessionRun {
             TurnOutcome::Failed(TurnFailure::Tool(f)) => {
                 (SessionPhase::Failed, f.reason, self.redact(&f.message))
             }
+            TurnOutcome::BudgetExceeded { message } => {
+                (SessionPhase::Failed, "BudgetExceeded".to_string(), message)
+            }
+            TurnOutcome::ContextOverflow { message } => (
+                SessionPhase::Failed,
+                "ContextWindowExceeded".to_string(),
+                self.redact(&message),
+            ),
             TurnOutcome::Failed(TurnFailure::Journal(e)) => (
                 SessionPhase::Failed,
                 "TranscriptWriteFailed".to_string(),

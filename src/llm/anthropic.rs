@@ -161,14 +161,16 @@ fn finish_reason(stop_reason: &str) -> String {
 fn usage_from(u: &Value, into: &mut Usage) {
     if let Some(n) = u.get("input_tokens").and_then(Value::as_u64) {
         // Cached prompt tokens are reported apart from the rest; all of them were read.
-        let cached = u
+        let read = u
             .get("cache_read_input_tokens")
             .and_then(Value::as_u64)
-            .unwrap_or(0)
-            + u.get("cache_creation_input_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-        into.prompt_tokens = n + cached;
+            .unwrap_or(0);
+        let written = u
+            .get("cache_creation_input_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        into.prompt_tokens = n + read + written;
+        into.cached_tokens = read;
     }
     if let Some(n) = u.get("output_tokens").and_then(Value::as_u64) {
         into.completion_tokens = n;
@@ -417,6 +419,7 @@ mod tests {
         assert_eq!(r.tool_calls[1].arguments, "{}");
         assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
         assert_eq!((r.usage.prompt_tokens, r.usage.completion_tokens), (25, 30));
+        assert_eq!(r.usage.cached_tokens, 5);
     }
 
     #[test]

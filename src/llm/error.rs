@@ -22,14 +22,69 @@ pub enum LlmError {
     InvalidResponse { url: String, detail: String },
 }
 
+/// Phrases providers use when the prompt does not fit the model.
+const OVERFLOW_PHRASES: &[&str] = &[
+    "context window exceeded",
+    "maximum context length",
+    "max context length",
+    "prompt is too long",
+    "context length exceeded",
+    "context_length_exceeded",
+    "too many input tokens",
+    "input is too long",
+    "exceeds the context window",
+];
+
+/// Phrases of rate limiting, whatever the status code.
+const RATE_LIMIT_PHRASES: &[&str] = &[
+    "rate limit",
+    "too many requests",
+    "too many tokens",
+    "request limit",
+    "throttl",
+];
+
 impl LlmError {
-    /// Rate limits, server errors and network failures may pass; a bad key or model id
-    /// will not, so those fail at once.
+    /// Rate limits, server errors and network failures may pass; a bad key, a model id or
+    /// a prompt that does not fit will not, so those fail at once (or compact).
     pub fn is_retryable(&self) -> bool {
+        if self.is_context_overflow() {
+            return false;
+        }
         match self {
             LlmError::Unreachable { .. } => true,
-            LlmError::Http { status, .. } => *status == 408 || *status == 429 || *status >= 500,
+            LlmError::Http { status, .. } => {
+                *status == 408 || *status == 429 || *status >= 500 || self.is_rate_limit()
+            }
             LlmError::InvalidResponse { .. } => false,
+        }
+    }
+
+    /// The provider is limiting the request rate; retried on the longer schedule.
+    pub fn is_rate_limit(&self) -> bool {
+        match self {
+            LlmError::Http { status: 429, .. } => true,
+            LlmError::Http {
+                status, message, ..
+            } if *status >= 400 => {
+                let m = message.to_lowercase();
+                RATE_LIMIT_PHRASES.iter().any(|p| m.contains(p))
+                    && !OVERFLOW_PHRASES.iter().any(|p| m.contains(p))
+            }
+            _ => false,
+        }
+    }
+
+    /// The prompt is larger than the model's context window: compaction, not a retry.
+    pub fn is_context_overflow(&self) -> bool {
+        match self {
+            LlmError::Http {
+                status, message, ..
+            } if (400..500).contains(status) => {
+                let m = message.to_lowercase();
+                OVERFLOW_PHRASES.iter().any(|p| m.contains(p))
+            }
+            _ => false,
         }
     }
 
@@ -51,6 +106,9 @@ impl LlmError {
             LlmError::Http { status: 401, .. } | LlmError::Http { status: 403, .. } => {
                 "check the API key in the Secret named by spec.llm.apiKeySecretRef"
             }
+            LlmError::Http { status: 402, .. } => {
+                "the provider account has no credits or quota left: add credits or change spec.model"
+            }
             LlmError::Http { status: 404, .. } => "check spec.model and spec.llm.baseUrl",
             LlmError::Http { status: 429, .. } => "the endpoint is rate limiting; retry later",
             LlmError::Http { status, .. } if *status >= 500 => {
@@ -61,5 +119,40 @@ impl LlmError {
                 "check that spec.llm.baseUrl points at an OpenAI-compatible /v1 endpoint"
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn http(status: u16, message: &str) -> LlmError {
+        LlmError::Http {
+            url: "u".into(),
+            status,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_as_ml_intern_does() {
+        let overflow = http(400, "This model's maximum context length is 128000 tokens");
+        assert!(overflow.is_context_overflow() && !overflow.is_retryable());
+        let kimi = http(400, "Prompt is too long: 270000 tokens");
+        assert!(kimi.is_context_overflow());
+        let limited = http(429, "Too many requests");
+        assert!(limited.is_rate_limit() && limited.is_retryable());
+        let tokens_per_minute = http(400, "too many tokens per minute, slow down");
+        assert!(tokens_per_minute.is_rate_limit() && tokens_per_minute.is_retryable());
+        let transient = http(503, "overloaded");
+        assert!(transient.is_retryable() && !transient.is_rate_limit());
+        for fatal in [
+            http(401, "bad key"),
+            http(402, "no credits"),
+            http(404, "no model"),
+        ] {
+            assert!(!fatal.is_retryable(), "{fatal}");
+        }
+        assert!(http(402, "x").hint().contains("credits"));
     }
 }

@@ -1,6 +1,7 @@
 //! Clients for the model endpoints the agent talks to, behind one trait.
 
 pub mod anthropic;
+pub mod catalog;
 pub mod error;
 pub mod model_ref;
 pub mod openai;
@@ -28,8 +29,11 @@ pub struct ToolSpec {
 /// Token counts of one model call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Usage {
+    /// All input tokens, cached ones included.
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Input tokens read from the provider's prompt cache (billed at a lower price).
+    pub cached_tokens: u64,
 }
 
 /// One model response.

@@ -128,7 +128,7 @@ struct WireResponse {
     #[serde(default)]
     choices: Vec<WireChoice>,
     #[serde(default)]
-    usage: Option<WireUsage>,
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -163,12 +163,16 @@ struct WireFunction {
     arguments: Value,
 }
 
-#[derive(Deserialize)]
-struct WireUsage {
-    #[serde(default)]
-    prompt_tokens: u64,
-    #[serde(default)]
-    completion_tokens: u64,
+/// `usage` of a response or of the last stream chunk; cached prompt tokens come in
+/// `prompt_tokens_details.cached_tokens`.
+fn usage_from(u: &Value) -> Usage {
+    Usage {
+        prompt_tokens: u["prompt_tokens"].as_u64().unwrap_or(0),
+        completion_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
+        cached_tokens: u["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+    }
 }
 
 /// Turns a chat-completions response body into the agent's response type.
@@ -203,13 +207,7 @@ pub fn parse_response(body: &[u8]) -> Result<ChatResponse, String> {
         content: choice.message.content.filter(|c| !c.is_empty()),
         tool_calls,
         finish_reason: choice.finish_reason,
-        usage: wire
-            .usage
-            .map(|u| Usage {
-                prompt_tokens: u.prompt_tokens,
-                completion_tokens: u.completion_tokens,
-            })
-            .unwrap_or_default(),
+        usage: wire.usage.as_ref().map(usage_from).unwrap_or_default(),
     })
 }
 
@@ -259,10 +257,7 @@ impl transport::StreamSink for StreamAssembler {
                 .unwrap_or_else(|| err.to_string()));
         }
         if let Some(u) = chunk.get("usage").filter(|u| u.is_object()) {
-            self.usage = Usage {
-                prompt_tokens: u["prompt_tokens"].as_u64().unwrap_or(0),
-                completion_tokens: u["completion_tokens"].as_u64().unwrap_or(0),
-            };
+            self.usage = usage_from(u);
         }
         let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else {
             return Ok(false);
@@ -339,6 +334,7 @@ mod tests {
         assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
         assert_eq!(r.usage.prompt_tokens, 124);
         assert_eq!(r.usage.completion_tokens, 17);
+        assert_eq!(r.usage.cached_tokens, 0);
     }
 
     #[test]
@@ -361,7 +357,7 @@ mod tests {
             r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":1,"id":"x2","function":{"name":"bash","arguments":"{}"}}]}}]}"#,
             r#"{"choices":[{"finish_reason":null,"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"\"Paris\"}"}}]}}]}"#,
             r#"{"choices":[{"finish_reason":"tool_calls","index":0,"delta":{}}]}"#,
-            r#"{"choices":[],"usage":{"completion_tokens":17,"prompt_tokens":124,"total_tokens":141}}"#,
+            r#"{"choices":[],"usage":{"completion_tokens":17,"prompt_tokens":124,"total_tokens":141,"prompt_tokens_details":{"cached_tokens":100}}}"#,
         ];
         let mut a = StreamAssembler::default();
         for c in chunks {
@@ -376,6 +372,7 @@ mod tests {
         assert_eq!(r.tool_calls[1].name, "bash");
         assert_eq!(r.finish_reason.as_deref(), Some("tool_calls"));
         assert_eq!(r.usage.prompt_tokens, 124);
+        assert_eq!(r.usage.cached_tokens, 100);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! dispatches calls by name.
 
 pub mod bash;
+pub mod plan;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use bash::{BashTool, CommandOutput, CommandRunner};
+pub use plan::PlanTool;
 
 use crate::llm::ToolSpec;
 

@@ -229,6 +229,8 @@ impl E2e {
                 "60",
                 "--llm-retry-delays",
                 "0.2,0.2",
+                "--llm-rate-limit-delays",
+                "0.2,0.2",
             ])
             .args(&self.controller_args)
             .env("KUBECONFIG", &setup.controller_kubeconfig)
