@@ -19,7 +19,7 @@ use super::context::{Context, SessionEntry};
 use super::status::{StatusWriter, condition};
 use crate::agent::budget::{Budget, Spend};
 use crate::agent::guards;
-use crate::agent::prompt::SYSTEM_PROMPT;
+use crate::agent::prompt::system_prompt;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
 use crate::api::session::{FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS};
 use crate::api::{
@@ -32,6 +32,8 @@ use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
 use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
+use crate::tools::bash::BASH_TOOL;
+use crate::tools::plan::PLAN_TOOL;
 use crate::tools::{BashTool, PlanTool, ToolFailure, ToolRouter};
 
 /// Runs the session until it has nothing left to do, then marks it finished in the context.
@@ -259,7 +261,11 @@ impl SessionRun {
         }];
         let mut messages = vec![];
         if conversation.history.is_empty() {
-            messages.push(ChatMessage::system(SYSTEM_PROMPT));
+            let today = Timestamp::now().strftime("%Y-%m-%d").to_string();
+            messages.push(ChatMessage::system(system_prompt(
+                &[BASH_TOOL.to_string(), PLAN_TOOL.to_string()],
+                &today,
+            )));
         }
         messages.push(ChatMessage::user(text));
         records.extend(

@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub const BASH_TOOL: &str = "bash";
+
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -86,7 +88,7 @@ fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>
 impl Tool for BashTool {
     fn spec(&self) -> ToolSpec {
         ToolSpec {
-            name: "bash".into(),
+            name: BASH_TOOL.into(),
             description: format!(
                 "Run a shell command in the session's sandbox (a Linux container with a \
                  persistent {DEFAULT_WORK_DIR} directory). stdout and stderr are returned \
