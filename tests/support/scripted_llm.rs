@@ -34,6 +34,8 @@ pub struct SeenRequest {
 }
 
 struct Shared {
+    /// Keep request bodies for assertions (benchmarks do not want the memory).
+    keep_bodies: bool,
     steps: Mutex<VecDeque<Step>>,
     seen: Mutex<Vec<SeenRequest>>,
     count: watch::Sender<usize>,
@@ -57,7 +59,17 @@ impl Drop for ScriptedLlm {
 
 impl ScriptedLlm {
     pub async fn start(steps: Vec<Step>) -> Self {
+        Self::serve(steps, true).await
+    }
+
+    /// A server that keeps no request bodies.
+    pub async fn start_without_bodies(steps: Vec<Step>) -> Self {
+        Self::serve(steps, false).await
+    }
+
+    async fn serve(steps: Vec<Step>, keep_bodies: bool) -> Self {
         let shared = Arc::new(Shared {
+            keep_bodies,
             steps: Mutex::new(steps.into()),
             seen: Mutex::new(vec![]),
             count: watch::channel(0).0,
@@ -120,7 +132,11 @@ async fn next_reply(shared: &Shared, path: &str, headers: &HeaderMap, body: Valu
         path: path.into(),
         authorization: header("authorization"),
         api_key: header("x-api-key"),
-        body,
+        body: if shared.keep_bodies {
+            body
+        } else {
+            Value::Null
+        },
     });
     shared.count.send_modify(|c| *c += 1);
     let step = shared.steps.lock().unwrap().pop_front();
