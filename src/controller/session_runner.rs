@@ -26,6 +26,7 @@ use crate::api::{
     AgentSession, AgentSessionSpec, ContextStatus, LlmApi, PlanEntry, SandboxStatus, SessionPhase,
     TokenUsage, TranscriptStatus,
 };
+use crate::llm::catalog::Price;
 use crate::llm::{ChatModel, ModelSettings, WireApi, client_for};
 use crate::redact::Redactor;
 use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
@@ -102,6 +103,9 @@ struct SessionRun {
     api_key: Option<String>,
     redactor: Redactor,
     permit: Option<OwnedSemaphorePermit>,
+    /// The current model's price, and what the session spent so far.
+    price: Option<Price>,
+    spend: Spend,
 }
 
 /// The conversation as the runner keeps it between turns.
@@ -142,6 +146,8 @@ impl SessionRun {
             api_key,
             ctx,
             permit: None,
+            price: None,
+            spend: Spend::default(),
         }
     }
 
@@ -254,9 +260,10 @@ impl SessionRun {
         index: usize,
         text: &str,
     ) -> Result<(), crate::store::StoreError> {
+        let text_digest = digest(text);
         let mut records = vec![Record::Input {
             index,
-            digest: digest(text),
+            digest: text_digest.clone(),
             at: Timestamp::now().to_string(),
         }];
         let mut messages = vec![];
@@ -275,7 +282,7 @@ impl SessionRun {
         );
         conversation.store.write(&records).await?;
         conversation.history.extend(messages);
-        conversation.input_digests.push(digest(text));
+        conversation.input_digests.push(text_digest);
         conversation.turn_open = true;
         self.status.status.processed_messages = index as u32;
         let field = input_field(index);
@@ -537,7 +544,17 @@ impl SessionRun {
                 ));
             }
         };
+        // Status is what survives a restart; from here on the runner keeps the running sum.
         let usage = self.status.status.usage.clone().unwrap_or_default();
+        self.spend = Spend {
+            tokens: usage.prompt_tokens + usage.completion_tokens,
+            usd: usage
+                .estimated_cost_usd
+                .as_deref()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0.0),
+        };
+        self.price = info.price;
         let context = self
             .status
             .status
@@ -554,14 +571,7 @@ impl SessionRun {
                 max_usd,
                 price: info.price,
             },
-            spent: Spend {
-                tokens: usage.prompt_tokens + usage.completion_tokens,
-                usd: usage
-                    .estimated_cost_usd
-                    .as_deref()
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(0.0),
-            },
+            spent: self.spend,
         })
     }
 
@@ -615,9 +625,7 @@ impl SessionRun {
                 metrics
                     .llm_completion_tokens
                     .inc_by(usage.completion_tokens);
-                let price = self
-                    .model_id()
-                    .and_then(|m| self.ctx.config.models.lookup(&m).price);
+                self.spend.add(&usage, self.price.as_ref());
                 let s = &mut self.status.status;
                 if !compaction {
                     s.iterations += 1;
@@ -629,13 +637,8 @@ impl SessionRun {
                 total.prompt_tokens += usage.prompt_tokens;
                 total.completion_tokens += usage.completion_tokens;
                 total.cached_tokens += usage.cached_tokens;
-                if let Some(p) = price {
-                    let before: f64 = total
-                        .estimated_cost_usd
-                        .as_deref()
-                        .and_then(|c| c.parse().ok())
-                        .unwrap_or(0.0);
-                    total.estimated_cost_usd = Some(format!("{:.6}", before + p.cost_usd(&usage)));
+                if self.price.is_some() {
+                    total.estimated_cost_usd = Some(format!("{:.6}", self.spend.usd));
                 }
                 self.status_dirty = true;
             }

@@ -103,12 +103,7 @@ impl TranscriptStore {
         };
         let count = chunks.len();
         for (i, (index, name, compressed)) in chunks.into_iter().enumerate() {
-            let damaged = |detail: String| StoreError::Damaged {
-                name: name.clone(),
-                detail,
-            };
-            let lines = decompress(&compressed).map_err(damaged)?;
-            let chunk_records = decode(&lines).map_err(damaged)?;
+            let (lines, chunk_records) = decode_chunk(&name, &compressed)?;
             let n = chunk_records.len() as u64;
             records.extend(chunk_records);
             if i + 1 == count && compressed.len() < CHUNK_COMPRESSED_BYTES {
@@ -304,13 +299,20 @@ pub async fn read_transcript(
 ) -> Result<Vec<Record>, StoreError> {
     let mut records = Vec::new();
     for (_, name, compressed) in read_chunks(api, session, uid).await? {
-        let damaged = |detail: String| StoreError::Damaged {
-            name: name.clone(),
-            detail,
-        };
-        records.extend(decode(&decompress(&compressed).map_err(damaged)?).map_err(damaged)?);
+        records.extend(decode_chunk(&name, &compressed)?.1);
     }
     Ok(records)
+}
+
+/// A chunk's JSON lines and the records they hold.
+fn decode_chunk(name: &str, compressed: &[u8]) -> Result<(Vec<u8>, Vec<Record>), StoreError> {
+    let damaged = |detail: String| StoreError::Damaged {
+        name: name.to_string(),
+        detail,
+    };
+    let lines = decompress(compressed).map_err(damaged)?;
+    let records = decode(&lines).map_err(damaged)?;
+    Ok((lines, records))
 }
 
 #[async_trait]
