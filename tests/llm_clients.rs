@@ -59,7 +59,10 @@ async fn both_protocols_round_trip_a_tool_call_streaming_and_not() {
             .await;
             let model = client(api, &base_for(&llm, api), stream, Some("key-123456"));
             let mut history = vec![ChatMessage::system("sys"), ChatMessage::user("list")];
-            let first = model.complete(&history, &[bash_spec()]).await.expect(&case);
+            let first = model
+                .complete(&history, &[bash_spec()], None)
+                .await
+                .expect(&case);
             assert_eq!(first.tool_calls.len(), 1, "{case}");
             let call = &first.tool_calls[0];
             assert_eq!(call.name, "bash", "{case}");
@@ -86,12 +89,34 @@ async fn both_protocols_round_trip_a_tool_call_streaming_and_not() {
                 name: "bash".into(),
                 content: "a.txt\nb.txt".into(),
             });
-            let second = model.complete(&history, &[bash_spec()]).await.expect(&case);
+            let (deltas, mut pieces) = tokio::sync::mpsc::channel(16);
+            let second = model
+                .complete(&history, &[bash_spec()], Some(&deltas))
+                .await
+                .expect(&case);
+            drop(deltas);
             assert_eq!(
                 second.content.as_deref(),
                 Some("Fertig: zwei Dateien, ünïcödé intact."),
                 "{case}"
             );
+            let mut streamed = vec![];
+            while let Some(piece) = pieces.recv().await {
+                streamed.push(piece);
+            }
+            if stream {
+                assert!(
+                    streamed.len() >= 2,
+                    "{case}: text arrives in pieces: {streamed:?}"
+                );
+                assert_eq!(
+                    streamed.concat(),
+                    "Fertig: zwei Dateien, ünïcödé intact.",
+                    "{case}"
+                );
+            } else {
+                assert!(streamed.is_empty(), "{case}: a whole body has no pieces");
+            }
             assert!(second.tool_calls.is_empty(), "{case}");
             assert_eq!(second.finish_reason.as_deref(), Some("stop"), "{case}");
 
@@ -134,14 +159,14 @@ async fn error_statuses_and_envelopes_are_classified() {
             .await;
             let model = client(api, &base_for(&llm, api), stream, None);
             let history = [ChatMessage::user("hi")];
-            match model.complete(&history, &[]).await {
+            match model.complete(&history, &[], None).await {
                 Err(e @ LlmError::Http { status: 429, .. }) => {
                     assert!(e.is_retryable());
                     assert!(e.to_string().contains("slow down"), "{e}");
                 }
                 other => panic!("{api:?}: expected a 429, got {other:?}"),
             }
-            match model.complete(&history, &[]).await {
+            match model.complete(&history, &[], None).await {
                 Err(e @ LlmError::Http { status: 401, .. }) => assert!(!e.is_retryable()),
                 other => panic!("{api:?}: expected a 401, got {other:?}"),
             }
@@ -169,7 +194,10 @@ async fn a_real_llama_cpp_server_speaks_both_protocols() {
             let mut history = vec![ChatMessage::user(
                 "Use the bash tool to run the command `echo sandbox-says-hello` and tell me what it printed.",
             )];
-            let first = model.complete(&history, &[bash_spec()]).await.expect(&case);
+            let first = model
+                .complete(&history, &[bash_spec()], None)
+                .await
+                .expect(&case);
             assert_eq!(first.tool_calls.len(), 1, "{case}: {first:?}");
             let call = first.tool_calls[0].clone();
             assert_eq!(call.name, "bash", "{case}");
@@ -191,12 +219,26 @@ async fn a_real_llama_cpp_server_speaks_both_protocols() {
                 name: call.name,
                 content: "sandbox-says-hello\n".into(),
             });
-            let second = model.complete(&history, &[bash_spec()]).await.expect(&case);
+            let (deltas, mut pieces) = tokio::sync::mpsc::channel(1024);
+            let second = model
+                .complete(&history, &[bash_spec()], Some(&deltas))
+                .await
+                .expect(&case);
+            drop(deltas);
             assert!(second.tool_calls.is_empty(), "{case}: {second:?}");
-            assert!(
-                second.content.is_some_and(|c| !c.trim().is_empty()),
-                "{case}"
-            );
+            let content = second.content.unwrap_or_default();
+            assert!(!content.trim().is_empty(), "{case}");
+            let mut streamed = vec![];
+            while let Some(piece) = pieces.recv().await {
+                streamed.push(piece);
+            }
+            if stream {
+                // llama.cpp sends about a token per event.
+                assert!(streamed.len() > 1, "{case}: {streamed:?}");
+                assert_eq!(streamed.concat(), content, "{case}");
+            } else {
+                assert!(streamed.is_empty(), "{case}");
+            }
         }
     }
 }

@@ -21,6 +21,9 @@ pub enum AgentEvent {
         finish_reason: Option<String>,
         latency_ms: u64,
     },
+    /// A piece of the model's text as it streams in; `AssistantMessage` follows with all
+    /// of it. Live listeners only: not kept in the transcript.
+    AssistantChunk { content: String },
     /// The model's text in a response (with or without tool calls).
     AssistantMessage { content: String },
     /// A tool is about to run.

@@ -373,6 +373,32 @@ impl Turn<'_> {
         history.push(ChatMessage::user(warning));
     }
 
+    /// One model call whose answer text is emitted as `AssistantChunk`s while it streams
+    /// (not for a compaction summary, which is not the assistant speaking to the user).
+    async fn complete_streaming(
+        &self,
+        history: &[ChatMessage],
+        specs: &[crate::llm::ToolSpec],
+        compaction: bool,
+    ) -> Result<ChatResponse, LlmError> {
+        if compaction {
+            return self.model.complete(history, specs, None).await;
+        }
+        let (deltas, mut pieces) = mpsc::channel::<String>(64);
+        let call = async move {
+            let response = self.model.complete(history, specs, Some(&deltas)).await;
+            drop(deltas);
+            response
+        };
+        let forward = async {
+            while let Some(content) = pieces.recv().await {
+                emit(self.events, AgentEvent::AssistantChunk { content }).await;
+            }
+        };
+        let (response, ()) = tokio::join!(call, forward);
+        response
+    }
+
     async fn call_with_retries(
         &self,
         history: &[ChatMessage],
@@ -383,7 +409,7 @@ impl Turn<'_> {
         let mut rate_limited = self.config.rate_limit_delays.iter();
         loop {
             let started = Instant::now();
-            match self.model.complete(history, specs).await {
+            match self.complete_streaming(history, specs, compaction).await {
                 Ok(r) => {
                     emit(
                         self.events,
@@ -486,8 +512,27 @@ mod tests {
             &self,
             messages: &[ChatMessage],
             _tools: &[ToolSpec],
+            deltas: Option<&crate::llm::TextDeltas>,
         ) -> Result<ChatResponse, LlmError> {
             self.seen.lock().unwrap().push(messages.to_vec());
+            if let (
+                Some(deltas),
+                Some(Ok(ChatResponse {
+                    content: Some(text),
+                    ..
+                })),
+            ) = (deltas, self.replies.lock().unwrap().front())
+            {
+                // Streamed in two pieces, as a provider would.
+                let cut = text
+                    .char_indices()
+                    .nth(text.chars().count() / 2)
+                    .map_or(0, |(i, _)| i);
+                let (a, b) = text.split_at(cut);
+                for piece in [a, b].into_iter().filter(|p| !p.is_empty()) {
+                    deltas.try_send(piece.to_string()).unwrap();
+                }
+            }
             self.replies
                 .lock()
                 .unwrap()
@@ -641,11 +686,21 @@ mod tests {
                 "tool_call",
                 "tool_output",
                 "tool_output",
+                "assistant_chunk",
+                "assistant_chunk",
                 "llm_call",
                 "assistant_message",
                 "turn_complete"
             ]
         );
+        let chunks: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::AssistantChunk { content } => Some(content.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(chunks, ["do", "ne"]);
     }
 
     #[tokio::test]

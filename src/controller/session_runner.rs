@@ -614,6 +614,10 @@ impl SessionRun {
     }
 
     async fn on_agent_event(&mut self, event: AgentEvent, store: &TranscriptStore) {
+        if matches!(event, AgentEvent::AssistantChunk { .. }) {
+            // The whole text follows in AssistantMessage; pieces are for live listeners.
+            return;
+        }
         store.defer(&event_record(&event));
         let metrics = &self.ctx.metrics;
         match event {
@@ -723,6 +727,7 @@ impl SessionRun {
                 self.status_dirty = true;
             }
             AgentEvent::Processing
+            | AgentEvent::AssistantChunk { .. }
             | AgentEvent::AssistantMessage { .. }
             | AgentEvent::TurnComplete { .. }
             | AgentEvent::Interrupted { .. }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use super::transport;
-use super::{ChatModel, ChatResponse, LlmError, ToolSpec, Usage};
+use super::{ChatModel, ChatResponse, LlmError, TextDeltas, ToolSpec, Usage};
 use crate::agent::{ChatMessage, ToolCall};
 use crate::http::http_client;
 
@@ -265,7 +265,7 @@ impl transport::StreamSink for MessageStream {
     }
 
     /// Takes one event; Ok(true) at `message_stop`. `ping` and unknown events are ignored.
-    fn push(&mut self, data: &str) -> Result<bool, String> {
+    fn push(&mut self, data: &str, text_out: &mut String) -> Result<bool, String> {
         let v: Value = serde_json::from_str(data).map_err(|e| format!("bad event: {e}"))?;
         let index = v["index"].as_u64().unwrap_or(0);
         match v["type"].as_str().unwrap_or("") {
@@ -274,7 +274,9 @@ impl transport::StreamSink for MessageStream {
                 let b = &v["content_block"];
                 let block = match b["type"].as_str() {
                     Some("text") => {
-                        self.text.push_str(b["text"].as_str().unwrap_or(""));
+                        let text = b["text"].as_str().unwrap_or("");
+                        self.text.push_str(text);
+                        text_out.push_str(text);
                         Block::Text
                     }
                     Some("tool_use") => Block::ToolUse {
@@ -290,7 +292,9 @@ impl transport::StreamSink for MessageStream {
                 let d = &v["delta"];
                 match (self.blocks.get_mut(&index), d["type"].as_str()) {
                     (Some(Block::Text), Some("text_delta")) => {
-                        self.text.push_str(d["text"].as_str().unwrap_or(""))
+                        let text = d["text"].as_str().unwrap_or("");
+                        self.text.push_str(text);
+                        text_out.push_str(text);
                     }
                     (Some(Block::ToolUse { json, .. }), Some("input_json_delta")) => {
                         json.push_str(d["partial_json"].as_str().unwrap_or(""))
@@ -323,6 +327,7 @@ impl ChatModel for AnthropicClient {
         &self,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
+        deltas: Option<&TextDeltas>,
     ) -> Result<ChatResponse, LlmError> {
         let body = self.request_body(messages, tools);
         let mut req = self
@@ -334,7 +339,15 @@ impl ChatModel for AnthropicClient {
             req = req.header("x-api-key", key);
         }
         // `overloaded_error` and friends arrive inside a 200 stream.
-        transport::exchange::<MessageStream>(&self.url, req, self.stream, 529, parse_message).await
+        transport::exchange::<MessageStream>(
+            &self.url,
+            req,
+            self.stream,
+            529,
+            parse_message,
+            deltas,
+        )
+        .await
     }
 }
 
@@ -408,10 +421,20 @@ mod tests {
             r#"{"type":"some_future_event"}"#,
         ];
         let mut s = MessageStream::default();
+        let mut pieces = vec![];
         for e in events {
-            assert_eq!(s.push(e), Ok(false), "{e}");
+            let mut text = String::new();
+            assert_eq!(s.push(e, &mut text), Ok(false), "{e}");
+            pieces.push(text);
         }
-        assert_eq!(s.push(r#"{"type":"message_stop"}"#), Ok(true));
+        let mut text = String::new();
+        assert_eq!(s.push(r#"{"type":"message_stop"}"#, &mut text), Ok(true));
+        assert_eq!(
+            pieces.concat(),
+            "Checking",
+            "the text arrives as it streams"
+        );
+        assert_eq!(pieces[3], "Checking");
         let r = s.finish();
         assert_eq!(r.content.as_deref(), Some("Checking"));
         assert_eq!(r.tool_calls.len(), 2);
@@ -427,7 +450,8 @@ mod tests {
         let mut s = MessageStream::default();
         assert_eq!(
             s.push(
-                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#
+                r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                &mut String::new()
             ),
             Err("Overloaded".into())
         );

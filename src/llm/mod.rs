@@ -76,11 +76,17 @@ pub fn client_for(s: ModelSettings<'_>) -> Box<dyn ChatModel> {
     }
 }
 
+/// Where a streaming call sends the answer's text as it arrives, piece by piece.
+pub type TextDeltas = tokio::sync::mpsc::Sender<String>;
+
 #[async_trait]
 pub trait ChatModel: Send + Sync {
+    /// One model call. With `deltas`, a streaming client sends each piece of the answer's
+    /// text there as it arrives; the response still holds the whole text.
     async fn complete(
         &self,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
+        deltas: Option<&TextDeltas>,
     ) -> Result<ChatResponse, LlmError>;
 }

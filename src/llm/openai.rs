@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::transport;
-use super::{ChatModel, ChatResponse, LlmError, ToolSpec, Usage};
+use super::{ChatModel, ChatResponse, LlmError, TextDeltas, ToolSpec, Usage};
 use crate::agent::{ChatMessage, ToolCall};
 use crate::http::http_client;
 
@@ -244,7 +244,7 @@ impl transport::StreamSink for StreamAssembler {
     }
 
     /// Takes one `data:` payload; Ok(true) once the stream says it is done.
-    fn push(&mut self, data: &str) -> Result<bool, String> {
+    fn push(&mut self, data: &str, text_out: &mut String) -> Result<bool, String> {
         if data.trim() == "[DONE]" {
             return Ok(true);
         }
@@ -268,6 +268,7 @@ impl transport::StreamSink for StreamAssembler {
         let delta = &choice["delta"];
         if let Some(text) = delta.get("content").and_then(Value::as_str) {
             self.content.push_str(text);
+            text_out.push_str(text);
         }
         for (position, call) in delta
             .get("tool_calls")
@@ -303,14 +304,22 @@ impl ChatModel for OpenAiClient {
         &self,
         messages: &[ChatMessage],
         tools: &[ToolSpec],
+        deltas: Option<&TextDeltas>,
     ) -> Result<ChatResponse, LlmError> {
         let body = self.request_body(messages, tools);
         let mut req = self.http.post(&self.url).json(&body);
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
         }
-        transport::exchange::<StreamAssembler>(&self.url, req, self.stream, 500, parse_response)
-            .await
+        transport::exchange::<StreamAssembler>(
+            &self.url,
+            req,
+            self.stream,
+            500,
+            parse_response,
+            deltas,
+        )
+        .await
     }
 }
 
@@ -360,10 +369,12 @@ mod tests {
             r#"{"choices":[],"usage":{"completion_tokens":17,"prompt_tokens":124,"total_tokens":141,"prompt_tokens_details":{"cached_tokens":100}}}"#,
         ];
         let mut a = StreamAssembler::default();
+        let mut text = String::new();
         for c in chunks {
-            assert_eq!(a.push(c), Ok(false));
+            assert_eq!(a.push(c, &mut text), Ok(false));
         }
-        assert_eq!(a.push("[DONE]"), Ok(true));
+        assert_eq!(a.push("[DONE]", &mut text), Ok(true));
+        assert_eq!(text, "", "tool calls are not answer text");
         let r = a.finish();
         assert_eq!(r.content, None);
         assert_eq!(r.tool_calls.len(), 2);
@@ -376,10 +387,31 @@ mod tests {
     }
 
     #[test]
+    fn streamed_text_is_handed_out_piece_by_piece() {
+        let mut a = StreamAssembler::default();
+        let mut pieces = vec![];
+        for c in [
+            r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"Hel"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{"content":"lo ünï"}}]}"#,
+            r#"{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#,
+        ] {
+            let mut text = String::new();
+            assert_eq!(a.push(c, &mut text), Ok(false));
+            pieces.push(text);
+        }
+        assert_eq!(pieces, ["", "Hel", "lo ünï", ""]);
+        assert_eq!(a.finish().content.as_deref(), Some("Hello ünï"));
+    }
+
+    #[test]
     fn an_error_inside_a_stream_is_reported() {
         let mut a = StreamAssembler::default();
         assert_eq!(
-            a.push(r#"{"error":{"message":"overloaded","type":"server_error"}}"#),
+            a.push(
+                r#"{"error":{"message":"overloaded","type":"server_error"}}"#,
+                &mut String::new()
+            ),
             Err("overloaded".to_string())
         );
     }

@@ -6,15 +6,16 @@ use std::time::Instant;
 use futures::StreamExt;
 use serde_json::Value;
 
-use super::{ChatResponse, LlmError};
+use super::{ChatResponse, LlmError, TextDeltas};
 
 /// Longest error body kept in a message; provider errors can be whole HTML pages.
 const ERROR_MESSAGE_MAX_CHARS: usize = 500;
 
 /// Builds one response from a stream's events.
 pub trait StreamSink: Default {
-    /// Takes one event's data; Ok(true) when the stream is complete.
-    fn push(&mut self, data: &str) -> Result<bool, String>;
+    /// Takes one event's data, appending any new answer text to `text`; Ok(true) when
+    /// the stream is complete.
+    fn push(&mut self, data: &str, text: &mut String) -> Result<bool, String>;
     fn finish(self) -> ChatResponse;
 }
 
@@ -48,12 +49,13 @@ pub async fn exchange<S: StreamSink>(
     stream: bool,
     mid_stream_status: u16,
     parse: fn(&[u8]) -> Result<ChatResponse, String>,
+    deltas: Option<&TextDeltas>,
 ) -> Result<ChatResponse, LlmError> {
     let started = Instant::now();
     let resp = send(url, request).await?;
     let response = if stream {
         let mut sink = S::default();
-        read_events(url, resp, &mut sink, mid_stream_status).await?;
+        read_events(url, resp, &mut sink, mid_stream_status, deltas).await?;
         sink.finish()
     } else {
         let bytes = resp.bytes().await.map_err(|e| unreachable(url, &e))?;
@@ -98,11 +100,19 @@ async fn read_events(
     resp: reqwest::Response,
     sink: &mut impl StreamSink,
     mid_stream_status: u16,
+    deltas: Option<&TextDeltas>,
 ) -> Result<(), LlmError> {
     let mut events = std::pin::pin!(super::sse::events(resp.bytes_stream()));
+    let mut text = String::new();
     while let Some(event) = events.next().await {
         let event = event.map_err(|e| unreachable(url, &e))?;
-        match sink.push(&event.data) {
+        let pushed = sink.push(&event.data, &mut text);
+        if let Some(deltas) = deltas.filter(|_| !text.is_empty()) {
+            // A listener that went away does not stop the answer.
+            let _ = deltas.send(std::mem::take(&mut text)).await;
+        }
+        text.clear();
+        match pushed {
             Ok(true) => break,
             Ok(false) => {}
             Err(message) => {
