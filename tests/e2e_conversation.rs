@@ -313,17 +313,15 @@ async fn a_controller_killed_mid_turn_resumes_without_running_a_completed_call_t
 
 #[tokio::test]
 async fn plan_cost_and_budget_show_in_status_and_the_budget_ends_the_session() {
-    let models = std::env::temp_dir().join(format!("ml-intern-models-{}.yaml", std::process::id()));
-    std::fs::write(
-        &models,
-        "models:\n  - match: \"openai/priced*\"\n    contextWindow: 100000\n    \
-         price: {inputPerMillion: 1.0, outputPerMillion: 2.0}\n",
-    )
-    .unwrap();
     let env = E2e::start_with(
         "budget",
         support::E2eOptions {
-            controller_args: vec!["--model-config".into(), models.display().to_string()],
+            model_config: Some(
+                "models:\n  - match: \"openai/priced*\"\n    contextWindow: 100000\n    \
+                 price: {inputPerMillion: 1.0, outputPerMillion: 2.0}\n"
+                    .into(),
+            ),
+            ..Default::default()
         },
     )
     .await;
@@ -378,5 +376,4 @@ async fn plan_cost_and_budget_show_in_status_and_the_budget_ends_the_session() {
     assert_eq!(usage.estimated_cost_usd.as_deref(), Some("0.000360"));
     let context = status.context.unwrap();
     assert_eq!((context.window, context.tokens), (100_000, 100));
-    let _ = std::fs::remove_file(&models);
 }

@@ -476,6 +476,7 @@ async fn sessions_beyond_the_concurrency_bound_wait_in_pending() {
         "capacity",
         E2eOptions {
             controller_args: vec!["--max-concurrent-sessions".into(), "1".into()],
+            ..Default::default()
         },
     )
     .await;
@@ -548,4 +549,61 @@ async fn invalid_specs_are_refused_at_apply_naming_the_field() {
     }
     let listed = env.sessions().list(&Default::default()).await.unwrap();
     assert!(listed.items.is_empty(), "nothing invalid was stored");
+}
+
+#[tokio::test]
+async fn the_platform_endpoint_and_key_serve_sessions_that_name_none() {
+    let platform = ScriptedLlm::start(vec![Step::Answer("via the platform".into())]).await;
+    let own = ScriptedLlm::start(vec![Step::Answer("via my endpoint".into())]).await;
+    let env = E2e::start_with(
+        "platform",
+        E2eOptions {
+            model_config: Some(format!(
+                "defaultModel: openai/platform-model\n\
+                 endpoint:\n  baseUrl: {}\n  \
+                 apiKeySecretRef: {{namespace: \"{{namespace}}\", name: platform-llm, key: token}}\n",
+                platform.base_url
+            )),
+            ..Default::default()
+        },
+    )
+    .await;
+    // No model, no llm settings: the controller's default model at its endpoint.
+    env.create_session("plain", json!({"prompt": "Say hello."}))
+        .await;
+    let pending = env
+        .wait_for_condition("plain", "Accepted", "SecretNotFound", MINUTE)
+        .await;
+    let message = &condition(&pending, "Accepted").message;
+    assert!(
+        message.contains("platform-llm") && message.contains("controller's model config"),
+        "the message says the Secret comes from the controller's config: {message}"
+    );
+    env.create_secret("platform-llm", "token", "sk-platform-0123456789")
+        .await;
+    let done = env.wait_for_phase("plain", "Succeeded", MINUTE).await;
+    let accepted = condition(&done, "Accepted");
+    assert!(
+        accepted
+            .message
+            .contains("controller's configured endpoint"),
+        "{}",
+        accepted.message
+    );
+    let seen = platform.requests();
+    assert_eq!(
+        seen[0].authorization.as_deref(),
+        Some("Bearer sk-platform-0123456789")
+    );
+    assert_eq!(seen[0].body["model"], "platform-model");
+
+    // A session that picks its own URL never gets the platform's key.
+    env.create_session(
+        "own",
+        json!({"prompt": "Say hello.", "llm": {"baseUrl": own.base_url}}),
+    )
+    .await;
+    env.wait_for_phase("own", "Succeeded", MINUTE).await;
+    assert_eq!(own.requests()[0].authorization, None);
+    assert_eq!(platform.requests().len(), 1);
 }

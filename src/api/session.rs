@@ -121,8 +121,11 @@ pub enum LlmApi {
 pub struct LlmSpec {
     /// Wire protocol: `openai` (chat completions; OpenAI, the Hugging Face router, vLLM,
     /// TGI, Ollama, llama.cpp) or `anthropic` (the Messages API). Default `openai`.
-    #[serde(default)]
-    pub api: LlmApi,
+    /// Setting this, `baseUrl` or `apiKeySecretRef` means the session brings its own
+    /// endpoint; otherwise the controller's configured endpoint for the model (and its
+    /// key) is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<LlmApi>,
 
     /// Stream responses (server-sent events). Default true.
     #[serde(default = "default_true")]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::context::{Context, SessionEntry};
-use super::credentials::{CredentialError, resolve_api_key};
+use super::credentials::{CredentialError, resolve_model_access};
 use super::session_runner::run_session;
 use super::status::{StatusWriter, condition};
 use super::{Error, FINALIZER};
@@ -85,15 +85,15 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     }
 
     let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let api_key = match resolve_api_key(
-        &secrets,
+    let access = match resolve_model_access(
+        &ctx.client,
+        &session.spec,
         &namespace,
-        session.spec.llm.api_key_secret_ref.as_ref(),
+        &ctx.config.models,
     )
     .await
     {
-        Ok(key) => key,
+        Ok(access) => access,
         Err(CredentialError::Api { source, .. }) => return Err(Error::Kube(source)),
         Err(e) => {
             wait_for_credentials(&session, &ctx, api, &e).await?;
@@ -104,7 +104,7 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     let cancel = CancellationToken::new();
     let (spec, spec_rx) = watch::channel(session.clone());
     if let Ok(mut sessions) = ctx.sessions.lock() {
-        let task = tokio::spawn(run_session(ctx.clone(), api_key, cancel.clone(), spec_rx));
+        let task = tokio::spawn(run_session(ctx.clone(), access, cancel.clone(), spec_rx));
         sessions.insert(uid, SessionEntry::Active { cancel, task, spec });
     }
     Ok(Action::await_change())

@@ -16,6 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::context::{Context, SessionEntry};
+use super::credentials::ModelAccess;
 use super::status::{StatusWriter, condition};
 use crate::agent::budget::{Budget, Spend};
 use crate::agent::guards;
@@ -23,11 +24,11 @@ use crate::agent::prompt::system_prompt;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
 use crate::api::session::{FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS};
 use crate::api::{
-    AgentSession, AgentSessionSpec, ContextStatus, LlmApi, PlanEntry, SandboxStatus, SessionPhase,
+    AgentSession, AgentSessionSpec, ContextStatus, PlanEntry, SandboxStatus, SessionPhase,
     TokenUsage, TranscriptStatus,
 };
 use crate::llm::catalog::Price;
-use crate::llm::{ChatModel, ModelSettings, WireApi, client_for};
+use crate::llm::{ChatModel, ModelSettings, client_for};
 use crate::redact::Redactor;
 use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
@@ -40,13 +41,13 @@ use crate::tools::{BashTool, PlanTool, ToolFailure, ToolRouter};
 /// Runs the session until it has nothing left to do, then marks it finished in the context.
 pub async fn run_session(
     ctx: Arc<Context>,
-    api_key: Option<String>,
+    access: ModelAccess,
     cancel: CancellationToken,
     spec: watch::Receiver<Arc<AgentSession>>,
 ) {
     let session = spec.borrow().clone();
     let name = session.name_any();
-    let mut run = SessionRun::new(ctx, &session, api_key, spec);
+    let mut run = SessionRun::new(ctx, &session, access, spec);
     run.execute(&cancel).await;
     tracing::info!(session = %name, "session runner stopped");
 }
@@ -100,7 +101,8 @@ struct SessionRun {
     status: StatusWriter,
     /// Status changed since it was last written.
     status_dirty: bool,
-    api_key: Option<String>,
+    /// Endpoint and key, decided together when the runner started.
+    access: ModelAccess,
     redactor: Redactor,
     permit: Option<OwnedSemaphorePermit>,
     /// The current model's price, and what the session spent so far.
@@ -129,7 +131,7 @@ impl SessionRun {
     fn new(
         ctx: Arc<Context>,
         session: &Arc<AgentSession>,
-        api_key: Option<String>,
+        access: ModelAccess,
         spec_rx: watch::Receiver<Arc<AgentSession>>,
     ) -> Self {
         let namespace = session.namespace().unwrap_or_default();
@@ -142,8 +144,8 @@ impl SessionRun {
             object: session.object_ref(&()),
             session: session.clone(),
             spec_rx,
-            redactor: Redactor::new(api_key.clone()),
-            api_key,
+            redactor: Redactor::new(access.api_key.clone()),
+            access,
             ctx,
             permit: None,
             price: None,
@@ -161,11 +163,16 @@ impl SessionRun {
     }
 
     async fn execute(&mut self, cancel: &CancellationToken) {
+        let endpoint = if self.access.from_config {
+            "the controller's configured endpoint for the model"
+        } else {
+            "the endpoint in spec.llm"
+        };
         self.status.set_condition(
             condition::ACCEPTED,
             true,
             "Accepted",
-            "the spec and the Secrets it names are usable",
+            &format!("the spec and the Secrets it names are usable; model calls go to {endpoint}"),
         );
         let Some(mut conversation) = self.open_transcript().await else {
             self.retire();
@@ -342,13 +349,10 @@ impl SessionRun {
     fn model(&self, model: &str) -> Box<dyn ChatModel> {
         let spec = &self.session.spec;
         client_for(ModelSettings {
-            api: match spec.llm.api {
-                LlmApi::Openai => WireApi::OpenAiChat,
-                LlmApi::Anthropic => WireApi::AnthropicMessages,
-            },
+            api: self.access.api(),
             model,
-            base_url: spec.llm.base_url.as_deref(),
-            api_key: self.api_key.clone(),
+            base_url: self.access.base_url.as_deref(),
+            api_key: self.access.api_key.clone(),
             timeout: self.ctx.config.llm_timeout,
             stream: spec.llm.stream,
             max_tokens: spec.llm.max_tokens,
@@ -804,7 +808,7 @@ impl SessionRun {
             TurnOutcome::Failed(TurnFailure::Llm(e)) => (
                 SessionPhase::Failed,
                 e.reason().to_string(),
-                self.redact(&format!("{e}; {}", e.hint())),
+                self.redact(&format!("{e}; {}", e.hint(self.access.from_config))),
             ),
             TurnOutcome::Failed(TurnFailure::Tool(f)) => {
                 (SessionPhase::Failed, f.reason, self.redact(&f.message))

@@ -31,6 +31,29 @@ impl Price {
     }
 }
 
+/// A Secret key anywhere in the cluster, named by the platform's config.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretLocation {
+    pub namespace: String,
+    pub name: String,
+    pub key: String,
+}
+
+/// Where the platform reaches a model: protocol, URL and the key that goes with that URL.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    /// Chat completions when unset.
+    #[serde(default)]
+    pub api: Option<super::WireApi>,
+    /// The protocol's public default when unset.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub api_key_secret_ref: Option<SecretLocation>,
+}
+
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Entry {
@@ -40,6 +63,8 @@ struct Entry {
     context_window: Option<u64>,
     #[serde(default)]
     price: Option<Price>,
+    #[serde(default)]
+    endpoint: Option<Endpoint>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -49,6 +74,9 @@ pub struct ModelCatalog {
     pub default_model: Option<String>,
     #[serde(default = "default_window")]
     pub fallback_context_window: u64,
+    /// The endpoint of models whose entry names none.
+    #[serde(default)]
+    pub endpoint: Option<Endpoint>,
     #[serde(default)]
     models: Vec<Entry>,
 }
@@ -58,10 +86,13 @@ fn default_window() -> u64 {
 }
 
 /// What the catalog says about one model.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
     pub context_window: u64,
     pub price: Option<Price>,
+    /// The entry's endpoint, whole, or the catalog's: fields are never mixed, so a key
+    /// only ever goes to the URL it was configured with.
+    pub endpoint: Option<Endpoint>,
 }
 
 impl ModelCatalog {
@@ -73,6 +104,28 @@ impl ModelCatalog {
         if let Some(e) = catalog.models.iter().find(|e| e.context_window == Some(0)) {
             return Err(format!("contextWindow of {} must be above 0", e.pattern));
         }
+        let endpoints = catalog.endpoint.iter().map(|e| ("endpoint", e)).chain(
+            catalog
+                .models
+                .iter()
+                .filter_map(|m| m.endpoint.as_ref().map(|e| (m.pattern.as_str(), e))),
+        );
+        for (owner, e) in endpoints {
+            if let Some(url) = e.base_url.as_deref()
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                return Err(format!(
+                    "baseUrl {url:?} of {owner} must start with http:// or https://"
+                ));
+            }
+            if let Some(r) = &e.api_key_secret_ref
+                && [&r.namespace, &r.name, &r.key].iter().any(|v| v.is_empty())
+            {
+                return Err(format!(
+                    "apiKeySecretRef of {owner} needs a namespace, a name and a key"
+                ));
+            }
+        }
         Ok(catalog)
     }
 
@@ -81,6 +134,7 @@ impl ModelCatalog {
         Self::parse(BUILTIN).unwrap_or(ModelCatalog {
             default_model: None,
             fallback_context_window: default_window(),
+            endpoint: None,
             models: vec![],
         })
     }
@@ -100,6 +154,9 @@ impl ModelCatalog {
                 .and_then(|e| e.context_window)
                 .unwrap_or(self.fallback_context_window),
             price: entry.and_then(|e| e.price),
+            endpoint: entry
+                .and_then(|e| e.endpoint.clone())
+                .or_else(|| self.endpoint.clone()),
         }
     }
 }
@@ -148,7 +205,48 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_endpoint_replaces_the_default_whole() {
+        let c = ModelCatalog::parse(
+            r#"
+endpoint:
+  baseUrl: https://router.huggingface.co/v1
+  apiKeySecretRef: {namespace: ml-intern-system, name: hf-token, key: token}
+models:
+  - match: "Qwen/*"
+    endpoint: {baseUrl: "http://vllm.models:8000/v1"}
+  - match: "claude-*"
+    endpoint:
+      api: anthropic
+      apiKeySecretRef: {namespace: ml-intern-system, name: anthropic, key: api-key}
+"#,
+        )
+        .unwrap();
+        let router = c.lookup("moonshotai/Kimi-K2.6:novita").endpoint.unwrap();
+        assert_eq!(router.api, None);
+        assert_eq!(router.api_key_secret_ref.unwrap().name, "hf-token");
+        let vllm = c.lookup("Qwen/Qwen3-8B").endpoint.unwrap();
+        assert_eq!(vllm.base_url.as_deref(), Some("http://vllm.models:8000/v1"));
+        assert_eq!(
+            vllm.api_key_secret_ref, None,
+            "the router key stays with the router"
+        );
+        let claude = c.lookup("claude-sonnet-4").endpoint.unwrap();
+        assert_eq!(claude.api, Some(crate::llm::WireApi::AnthropicMessages));
+        assert_eq!(claude.base_url, None);
+        assert_eq!(ModelCatalog::builtin().lookup("x/y").endpoint, None);
+    }
+
+    #[test]
     fn mistakes_in_the_file_are_named() {
+        let e = ModelCatalog::parse("endpoint: {baseUrl: router.hf.co}\n").unwrap_err();
+        assert!(e.contains("must start with http"), "{e}");
+        let e = ModelCatalog::parse(
+            "models:\n  - match: x\n    endpoint: {apiKeySecretRef: {namespace: a, name: b, key: ''}}\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("apiKeySecretRef of x"), "{e}");
+        let e = ModelCatalog::parse("endpoint: {api: grpc}\n").unwrap_err();
+        assert!(e.contains("grpc"), "{e}");
         let e = ModelCatalog::parse("models:\n  - match: x\n    contextWindow: 0\n").unwrap_err();
         assert!(e.contains("contextWindow of x"), "{e}");
         let e = ModelCatalog::parse("modelz: []\n").unwrap_err();

@@ -97,26 +97,40 @@ impl LlmError {
         }
     }
 
-    /// What the user should check, in one sentence.
-    pub fn hint(&self) -> &'static str {
+    /// What the user should check, in one sentence. `from_config`: the endpoint and key
+    /// came from the controller's model config rather than the session's `spec.llm`.
+    pub fn hint(&self, from_config: bool) -> String {
+        let (url, key) = if from_config {
+            (
+                "the endpoint baseUrl in the controller's model config",
+                "the Secret named by the controller's model config",
+            )
+        } else {
+            (
+                "spec.llm.baseUrl",
+                "the Secret named by spec.llm.apiKeySecretRef",
+            )
+        };
         match self {
             LlmError::Unreachable { .. } => {
-                "check spec.llm.baseUrl and that the endpoint is reachable from the controller"
+                format!("check {url} and that the endpoint is reachable from the controller")
             }
             LlmError::Http { status: 401, .. } | LlmError::Http { status: 403, .. } => {
-                "check the API key in the Secret named by spec.llm.apiKeySecretRef"
+                format!("check the API key in {key}")
             }
             LlmError::Http { status: 402, .. } => {
-                "the provider account has no credits or quota left: add credits or change spec.model"
+                "the provider account has no credits or quota left: add credits or change spec.model".into()
             }
-            LlmError::Http { status: 404, .. } => "check spec.model and spec.llm.baseUrl",
-            LlmError::Http { status: 429, .. } => "the endpoint is rate limiting; retry later",
+            LlmError::Http { status: 404, .. } => format!("check spec.model and {url}"),
+            LlmError::Http { status: 429, .. } => {
+                "the endpoint is rate limiting; retry later".into()
+            }
             LlmError::Http { status, .. } if *status >= 500 => {
-                "the endpoint failed on its side; retry later"
+                "the endpoint failed on its side; retry later".into()
             }
-            LlmError::Http { .. } => "check spec.model and spec.llm",
+            LlmError::Http { .. } => format!("check spec.model and {url}"),
             LlmError::InvalidResponse { .. } => {
-                "check that spec.llm.baseUrl points at an OpenAI-compatible /v1 endpoint"
+                format!("check that {url} points at an OpenAI-compatible /v1 endpoint")
             }
         }
     }
@@ -153,6 +167,16 @@ mod tests {
         ] {
             assert!(!fatal.is_retryable(), "{fatal}");
         }
-        assert!(http(402, "x").hint().contains("credits"));
+        assert!(http(402, "x").hint(false).contains("credits"));
+        assert!(
+            http(401, "x")
+                .hint(false)
+                .contains("spec.llm.apiKeySecretRef")
+        );
+        assert!(
+            http(401, "x")
+                .hint(true)
+                .contains("controller's model config")
+        );
     }
 }

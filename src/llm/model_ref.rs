@@ -5,9 +5,11 @@ pub const HF_ROUTER_BASE_URL: &str = "https://router.huggingface.co/v1";
 pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 
 /// The wire protocol a model is reached with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
 pub enum WireApi {
+    #[serde(rename = "openai")]
     OpenAiChat,
+    #[serde(rename = "anthropic")]
     AnthropicMessages,
 }
 

@@ -23,6 +23,9 @@ pub const SANDBOX_IMAGE: &str = "localhost/ml-intern-sandbox:busybox";
 #[derive(Default)]
 pub struct E2eOptions {
     pub controller_args: Vec<String>,
+    /// A model config for the controller (`--model-config`); `{namespace}` in it becomes
+    /// the test's namespace.
+    pub model_config: Option<String>,
 }
 
 pub struct E2e {
@@ -191,12 +194,20 @@ impl E2e {
             .await
             .expect("create the test namespace");
 
+        let mut controller_args = options.controller_args;
+        if let Some(config) = options.model_config {
+            let dir = repo().join("target/e2e/configs");
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{namespace}-models.yaml"));
+            std::fs::write(&path, config.replace("{namespace}", &namespace)).unwrap();
+            controller_args.extend(["--model-config".into(), path.display().to_string()]);
+        }
         let mut e2e = E2e {
             client,
             namespace,
             http: String::new(),
             controller: None,
-            controller_args: options.controller_args,
+            controller_args,
             log: PathBuf::new(),
         };
         e2e.start_controller().await;
