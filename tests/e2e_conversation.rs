@@ -377,3 +377,103 @@ async fn plan_cost_and_budget_show_in_status_and_the_budget_ends_the_session() {
     let context = status.context.unwrap();
     assert_eq!((context.window, context.tokens), (100_000, 100));
 }
+
+/// A bash command printing `n` copies of `a`, then `marker`.
+fn print_chars(n: usize, marker: &str) -> Value {
+    json!({"command": format!("head -c {n} /dev/zero | tr '\\0' a; echo; echo {marker}")})
+}
+
+#[tokio::test]
+async fn a_full_context_is_compacted_through_the_model_and_an_overflow_error_compacts_again() {
+    // About 4 characters a token: the system prompt is ~450 tokens, a 6000-character output
+    // ~1500, a 2400-character one ~600. Compaction starts above 4500 (90% of 5000).
+    let env = E2e::start_with(
+        "compaction",
+        support::E2eOptions {
+            model_config: Some(
+                "models:\n  - match: \"openai/small-window\"\n    contextWindow: 5000\n".into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let overflow = json!({"error": {"message": "This model's maximum context length is 5000 tokens. \
+        However, your messages resulted in 5210 tokens.", "type": "invalid_request_error"}});
+    let llm = ScriptedLlm::start_counting_tokens(vec![
+        Step::ToolCalls(vec![("bash", print_chars(6000, "out-1"))]),
+        Step::ToolCalls(vec![("bash", print_chars(6000, "out-2"))]),
+        Step::ToolCalls(vec![("bash", print_chars(2400, "out-3"))]),
+        Step::ToolCalls(vec![("bash", print_chars(2400, "out-4"))]),
+        Step::Answer("SUMMARY-ONE: printed four blocks".into()),
+        Step::Answer("All four blocks printed.".into()),
+        // Second turn: the provider refuses, the loop compacts and asks again.
+        Step::Error(400, overflow),
+        Step::Answer("SUMMARY-TWO: printed blocks, answered".into()),
+        Step::Answer("Bye.".into()),
+    ])
+    .await;
+    env.create_session(
+        "long",
+        json!({"prompt": "Print four blocks.", "model": "openai/small-window",
+               "llm": {"baseUrl": llm.base_url}, "sandbox": {"imagePullPolicy": "Never"}}),
+    )
+    .await;
+    let done = env.wait_for_phase("long", "Succeeded", 2 * MINUTE).await;
+    let context = done.status.as_ref().unwrap().context.clone().unwrap();
+    assert_eq!((context.window, context.compactions), (5000, 1));
+    assert!(context.last_compacted_at.is_some());
+    env.wait_for_event("long", "Compacted", MINUTE).await;
+
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 6);
+    let summary_call = roles_and_contents(&requests[4].body);
+    assert!(
+        summary_call
+            .last()
+            .is_some_and(|(role, c)| role == "user" && c.contains("outgrow the context window")),
+        "the fifth call asks for a summary: {summary_call:?}"
+    );
+    let after = roles_and_contents(&requests[5].body);
+    let roles: Vec<&str> = after.iter().map(|(r, _)| r.as_str()).collect();
+    assert_eq!(
+        roles,
+        [
+            "system",
+            "user",
+            "user",
+            "assistant",
+            "tool",
+            "assistant",
+            "tool",
+            "assistant",
+            "tool"
+        ],
+        "system prompt, task, summary, then the tail from the second call on"
+    );
+    assert_eq!(after[1].1, "Print four blocks.");
+    assert!(after[2].1.contains("SUMMARY-ONE"), "{}", after[2].1);
+    let sent: String = after.iter().map(|(_, c)| c.as_str()).collect();
+    assert!(!sent.contains("out-1") && sent.contains("out-2") && sent.contains("out-4"));
+
+    env.patch_spec("long", json!({"messages": ["Now say bye."]}))
+        .await;
+    let done = env
+        .wait_for_session("long", 2 * MINUTE, "second turn done", |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.processed_messages == 1 && st.final_response.as_deref() == Some("Bye.")
+            })
+        })
+        .await;
+    assert_eq!(done.status.unwrap().context.unwrap().compactions, 2);
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 9, "overflow, summary, the same call again");
+    let retried = roles_and_contents(&requests[8].body);
+    assert!(retried.iter().any(|(_, c)| c.contains("SUMMARY-TWO")));
+    assert!(!retried.iter().any(|(_, c)| c.contains("out-2")));
+    assert_eq!(retried.last().unwrap().1, "Now say bye.");
+
+    // The durable history is the compacted one.
+    let history = ml_intern::store::replay(&env.transcript("long").await).history;
+    let stored: String = history.iter().map(|m| format!("{m:?}")).collect();
+    assert!(stored.contains("SUMMARY-TWO") && !stored.contains("out-1"));
+}

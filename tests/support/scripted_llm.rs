@@ -36,6 +36,9 @@ pub struct SeenRequest {
 struct Shared {
     /// Keep request bodies for assertions (benchmarks do not want the memory).
     keep_bodies: bool,
+    /// Report prompt tokens as a tokenizer would, about one per four characters of the
+    /// messages, instead of a constant 100.
+    count_prompt_tokens: bool,
     steps: Mutex<VecDeque<Step>>,
     seen: Mutex<Vec<SeenRequest>>,
     count: watch::Sender<usize>,
@@ -59,17 +62,23 @@ impl Drop for ScriptedLlm {
 
 impl ScriptedLlm {
     pub async fn start(steps: Vec<Step>) -> Self {
-        Self::serve(steps, true).await
+        Self::serve(steps, true, false).await
     }
 
     /// A server that keeps no request bodies.
     pub async fn start_without_bodies(steps: Vec<Step>) -> Self {
-        Self::serve(steps, false).await
+        Self::serve(steps, false, false).await
     }
 
-    async fn serve(steps: Vec<Step>, keep_bodies: bool) -> Self {
+    /// A server whose usage grows with the conversation, so context limits are reached.
+    pub async fn start_counting_tokens(steps: Vec<Step>) -> Self {
+        Self::serve(steps, true, true).await
+    }
+
+    async fn serve(steps: Vec<Step>, keep_bodies: bool, count_prompt_tokens: bool) -> Self {
         let shared = Arc::new(Shared {
             keep_bodies,
+            count_prompt_tokens,
             steps: Mutex::new(steps.into()),
             seen: Mutex::new(vec![]),
             count: watch::channel(0).0,
@@ -197,7 +206,13 @@ async fn complete(
     Json(body): Json<Value>,
 ) -> Response {
     let stream = body["stream"].as_bool().unwrap_or(false);
-    let usage = json!({"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110});
+    let prompt_tokens = if shared.count_prompt_tokens {
+        body["messages"].to_string().len() / 4
+    } else {
+        100
+    };
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": 10,
+                       "total_tokens": prompt_tokens + 10});
     let reply = next_reply(&shared, "/v1/chat/completions", &headers, body).await;
     let chunk = |delta: Value, finish: Value| {
         json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "model": "scripted",
