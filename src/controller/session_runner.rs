@@ -35,8 +35,9 @@ use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name
 use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
 use crate::tools::bash::BASH_TOOL;
+use crate::tools::files::{EDIT_TOOL, READ_TOOL, WRITE_TOOL};
 use crate::tools::plan::PLAN_TOOL;
-use crate::tools::{BashTool, PlanTool, ToolFailure, ToolRouter};
+use crate::tools::{BashTool, Files, PlanTool, ToolFailure, ToolRouter};
 
 /// Runs the session until it has nothing left to do, then marks it finished in the context.
 pub async fn run_session(
@@ -276,8 +277,9 @@ impl SessionRun {
         let mut messages = vec![];
         if conversation.history.is_empty() {
             let today = Timestamp::now().strftime("%Y-%m-%d").to_string();
+            let tools = [BASH_TOOL, READ_TOOL, WRITE_TOOL, EDIT_TOOL, PLAN_TOOL];
             messages.push(ChatMessage::system(system_prompt(
-                &[BASH_TOOL.to_string(), PLAN_TOOL.to_string()],
+                &tools.map(str::to_string),
                 &today,
             )));
         }
@@ -452,11 +454,19 @@ impl SessionRun {
             return TurnEnd::Deleted;
         };
         let mut tools = ToolRouter::new();
-        tools.register(Arc::new(BashTool::new(sandbox.clone())));
+        tools.register(Arc::new(
+            BashTool::new(sandbox.clone()).spilling_to(sandbox.clone()),
+        ));
         tools.register(Arc::new(PlanTool));
+        let mut history = std::mem::take(&mut conversation.history);
+        let files = Files::new(sandbox.clone());
+        // What the model read in earlier turns (or before a restart) counts as read.
+        files.remember_from(&history);
+        for tool in files.tools() {
+            tools.register(tool);
+        }
         let (events_tx, mut events_rx) = mpsc::channel(256);
         let turn_cancel = cancel.child_token();
-        let mut history = std::mem::take(&mut conversation.history);
         let outcome = {
             let turn = Turn {
                 model: model.as_ref(),

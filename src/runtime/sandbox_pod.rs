@@ -11,14 +11,48 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{Mutex, mpsc};
 
 use super::sandbox_template::SANDBOX_CONTAINER;
-use crate::tools::{CommandOutput, CommandRunner, ToolFailure};
+use crate::tools::{CommandOutput, CommandRunner, FileError, FileSystem, ToolFailure};
 
 /// Most output kept from one command; the bash tool shows the model far less anyway.
 const OUTPUT_CAP_BYTES: u64 = 32 * 1024 * 1024;
 
-/// Runs the command in `$1` with stderr merged into stdout, in bash when the image has it.
+/// Runs command `$2` in directory `$1` with stderr merged into stdout, in bash when the
+/// image has it, as the leader of its own process group (setsid) whose id is kept in
+/// `$3`, so a timeout can stop everything the command started.
 const EXEC_WRAPPER: &str = "exec 2>&1; cd -- \"$1\" || exit 126; \
-     if command -v bash >/dev/null 2>&1; then exec bash -c \"$2\"; else eval \"$2\"; fi";
+     s=sh; command -v bash >/dev/null 2>&1 && s=bash; \
+     if command -v setsid >/dev/null 2>&1; then setsid \"$s\" -c \"$2\" & \
+     else \"$s\" -c \"$2\" & fi; \
+     p=$!; echo \"$p\" > \"$3\" 2>/dev/null; wait \"$p\"; r=$?; rm -f -- \"$3\"; exit $r";
+
+/// Kills the process group whose leader's pid is in `$1`.
+const KILL_GROUP: &str = "p=$(cat -- \"$1\" 2>/dev/null) || exit 0; \
+     kill -9 -- \"-$p\" 2>/dev/null || kill -9 \"$p\" 2>/dev/null; rm -f -- \"$1\"; exit 0";
+
+/// Scratch space of the controller's own in the sandbox (an emptyDir on /tmp).
+pub const SCRATCH_DIR: &str = "/tmp";
+
+/// Prints lines `$2..$3` of file `$1`, or all of it when `$2` is empty, at most `$4` bytes.
+/// Exit 3: missing; 4: a directory; 5: not readable; 8: binary (a NUL byte in its first
+/// 8 KiB; checked here because busybox sed turns NUL into newlines).
+const READ_SCRIPT: &str = "f=$1; [ -e \"$f\" ] || exit 3; [ -d \"$f\" ] && exit 4; \
+     [ -r \"$f\" ] || { echo \"permission denied\"; exit 5; }; \
+     [ \"$(head -c 8192 -- \"$f\" | tr -d '\\000' | wc -c)\" -eq \"$(head -c 8192 -- \"$f\" | wc -c)\" ] || exit 8; \
+     if [ -z \"$2\" ]; then head -c \"$4\" -- \"$f\"; \
+     else sed -n \"$2,$3p;$3q\" -- \"$f\" | head -c \"$4\"; fi";
+
+/// Writes exactly `$2` bytes from stdin to `$1` through a temporary file in the same
+/// directory, so readers never see half a file. The length travels in argv because the
+/// exec protocol of older clusters cannot close stdin. `$3` = 1 refuses to replace an
+/// existing file (exit 7). Exit 4: a directory; 5: refused (message printed); 6: short read.
+/// No `exec 2>&1` here: with stdin attached and stderr not, it cuts stdin short.
+const WRITE_SCRIPT: &str = "f=$1; [ -d \"$f\" ] && exit 4; \
+     [ \"$3\" = 1 ] && [ -e \"$f\" ] && exit 7; \
+     d=$(dirname -- \"$f\"); mkdir -p -- \"$d\" 2>&1 || exit 5; \
+     t=\"$d/.$(basename -- \"$f\").ml-intern-$$\"; \
+     head -c \"$2\" 2>&1 > \"$t\" || { rm -f -- \"$t\"; exit 5; }; \
+     n=$(wc -c < \"$t\"); [ \"$n\" -eq \"$2\" ] || { echo \"got $n of $2 bytes\"; rm -f -- \"$t\"; exit 6; }; \
+     mv -f -- \"$t\" \"$f\" 2>&1 || { rm -f -- \"$t\"; exit 5; }";
 
 /// Lifecycle changes the controller records in the session's status.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,6 +68,8 @@ pub struct SandboxPod {
     startup_timeout: Duration,
     ready: Mutex<bool>,
     lifecycle: mpsc::Sender<SandboxEvent>,
+    /// Numbers the commands run, for their process-group files.
+    commands: std::sync::atomic::AtomicU64,
 }
 
 /// Where a pod stands on its way to running commands.
@@ -138,6 +174,7 @@ impl SandboxPod {
             startup_timeout,
             ready: Mutex::new(false),
             lifecycle,
+            commands: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -227,19 +264,17 @@ impl SandboxPod {
         Ok(())
     }
 
-    async fn exec(&self, command: &str, work_dir: &str) -> Result<CommandOutput, kube::Error> {
+    async fn exec(
+        &self,
+        command: &str,
+        work_dir: &str,
+        pid_file: &str,
+    ) -> Result<CommandOutput, kube::Error> {
         let params = AttachParams::default()
             .container(SANDBOX_CONTAINER)
             .stdout(true)
             .stderr(false);
-        let argv = vec![
-            "/bin/sh".to_string(),
-            "-c".to_string(),
-            EXEC_WRAPPER.to_string(),
-            "sh".to_string(),
-            work_dir.to_string(),
-            command.to_string(),
-        ];
+        let argv = Self::file_argv(EXEC_WRAPPER, &[work_dir, command, pid_file]);
         let mut process = self.pods.exec(&self.name, argv, &params).await?;
         let status = process.take_status();
         let mut buf = Vec::new();
@@ -256,6 +291,59 @@ impl SandboxPod {
             exit_code,
             timed_out: false,
         })
+    }
+
+    /// Runs `argv` with `stdin` fed to it; stdout (at most `cap` bytes) and the exit code.
+    async fn exec_with_input(
+        &self,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        cap: u64,
+    ) -> Result<(Vec<u8>, i32), kube::Error> {
+        let params = AttachParams::default()
+            .container(SANDBOX_CONTAINER)
+            .stdin(stdin.is_some())
+            .stdout(true)
+            .stderr(false);
+        let mut process = self.pods.exec(&self.name, argv, &params).await?;
+        let status = process.take_status();
+        let mut stdout = process.stdout();
+        let input = async {
+            if let (Some(bytes), Some(mut writer)) = (stdin, process.stdin()) {
+                use tokio::io::AsyncWriteExt;
+                // The command reads exactly this many bytes; a broken pipe shows as a
+                // short write, which the command reports.
+                let _ = writer.write_all(bytes).await;
+                let _ = writer.flush().await;
+            }
+            // Kept open until the command ends (closing stdin would end the exec session),
+            // and without stdin this must not finish first either.
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        let output = async {
+            let mut buf = Vec::new();
+            if let Some(out) = stdout.as_mut() {
+                let _ = out.take(cap).read_to_end(&mut buf).await;
+            }
+            buf
+        };
+        let buf = tokio::select! {
+            buf = output => buf,
+            never = input => match never {},
+        };
+        let code = match status {
+            Some(s) => s.await.map_or(-1, |s| exit_code(&s)),
+            None => -1,
+        };
+        Ok((buf, code))
+    }
+
+    fn file_argv(script: &str, args: &[&str]) -> Vec<String> {
+        ["/bin/sh", "-c", script, "sh"]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
     }
 
     /// Kills every process in the sandbox container except its init, which is what tool
@@ -332,7 +420,11 @@ impl CommandRunner for SandboxPod {
         timeout: Duration,
     ) -> Result<CommandOutput, ToolFailure> {
         self.ensure_ready().await?;
-        match tokio::time::timeout(timeout, self.exec(command, work_dir)).await {
+        let id = self
+            .commands
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pid_file = format!("{SCRATCH_DIR}/.ml-intern-command-{id}.pid");
+        match tokio::time::timeout(timeout, self.exec(command, work_dir, &pid_file)).await {
             Ok(Ok(out)) => Ok(out),
             // The command never reached the pod or the stream broke: the model can retry,
             // so it is told rather than the session failed.
@@ -345,11 +437,97 @@ impl CommandRunner for SandboxPod {
                 exit_code: None,
                 timed_out: false,
             }),
-            Err(_) => Ok(CommandOutput {
-                output: String::new(),
-                exit_code: None,
-                timed_out: true,
-            }),
+            Err(_) => {
+                let argv = Self::file_argv(KILL_GROUP, &[&pid_file]);
+                if let Err(e) = self.exec_with_input(argv, None, 1024).await {
+                    tracing::warn!(pod = %self.name, error = %e, "could not stop a timed-out command");
+                }
+                Ok(CommandOutput {
+                    output: String::new(),
+                    exit_code: None,
+                    timed_out: true,
+                })
+            }
+        }
+    }
+}
+
+/// Longest a file operation may take (a 64 MiB write through a slow apiserver included).
+const FILE_OP_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl SandboxPod {
+    async fn file_op(
+        &self,
+        argv: Vec<String>,
+        stdin: Option<&[u8]>,
+        cap: u64,
+    ) -> Result<(Vec<u8>, i32), FileError> {
+        match tokio::time::timeout(FILE_OP_TIMEOUT, self.exec_with_input(argv, stdin, cap)).await {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) => Err(unavailable(&self.name, &e)),
+            Err(_) => Err(FileError::Refused(format!(
+                "sandbox pod {} did not finish the operation within {}s",
+                self.name,
+                FILE_OP_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+}
+
+fn unavailable(name: &str, e: &kube::Error) -> FileError {
+    FileError::Refused(format!(
+        "could not reach sandbox pod {name}: {}",
+        kube_error_text(e)
+    ))
+}
+
+#[async_trait]
+impl FileSystem for SandboxPod {
+    async fn read(
+        &self,
+        path: &str,
+        lines: Option<(usize, usize)>,
+        max_bytes: u64,
+    ) -> Result<Vec<u8>, FileError> {
+        self.ensure_ready().await.map_err(FileError::Unavailable)?;
+        let (first, last) = lines.map_or((String::new(), String::new()), |(a, b)| {
+            (a.to_string(), b.to_string())
+        });
+        // One byte over the limit tells a whole file that is too large.
+        let fetch = if lines.is_none() {
+            max_bytes + 1
+        } else {
+            max_bytes
+        };
+        let argv = Self::file_argv(READ_SCRIPT, &[path, &first, &last, &fetch.to_string()]);
+        let (bytes, code) = self.file_op(argv, None, fetch).await?;
+        match code {
+            0 if lines.is_none() && bytes.len() as u64 > max_bytes => Err(FileError::TooLarge),
+            0 => Ok(bytes),
+            3 => Err(FileError::NotFound),
+            4 => Err(FileError::IsDirectory),
+            8 => Err(FileError::Binary),
+            _ => Err(FileError::Refused(
+                String::from_utf8_lossy(&bytes).trim().to_string(),
+            )),
+        }
+    }
+
+    async fn write(&self, path: &str, content: &[u8], overwrite: bool) -> Result<(), FileError> {
+        self.ensure_ready().await.map_err(FileError::Unavailable)?;
+        let keep = if overwrite { "0" } else { "1" };
+        let argv = Self::file_argv(WRITE_SCRIPT, &[path, &content.len().to_string(), keep]);
+        let (out, code) = self.file_op(argv, Some(content), 64 * 1024).await?;
+        let said = String::from_utf8_lossy(&out).trim().to_string();
+        match code {
+            0 => Ok(()),
+            4 => Err(FileError::IsDirectory),
+            7 => Err(FileError::Exists),
+            6 => Err(FileError::Refused(format!(
+                "the content did not arrive whole ({said}); write it again"
+            ))),
+            _ if said.is_empty() => Err(FileError::Refused(format!("write failed (exit {code})"))),
+            _ => Err(FileError::Refused(said)),
         }
     }
 }

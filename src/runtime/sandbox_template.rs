@@ -125,18 +125,33 @@ pub fn sandbox_pod(
                     }),
                     ..Default::default()
                 }),
-                volume_mounts: Some(vec![VolumeMount {
-                    name: "workspace".into(),
-                    mount_path: DEFAULT_WORK_DIR.into(),
-                    ..Default::default()
-                }]),
+                volume_mounts: Some(vec![
+                    VolumeMount {
+                        name: "workspace".into(),
+                        mount_path: DEFAULT_WORK_DIR.into(),
+                        ..Default::default()
+                    },
+                    // Writable in any image; holds spilled outputs and process-group files.
+                    VolumeMount {
+                        name: "scratch".into(),
+                        mount_path: super::sandbox_pod::SCRATCH_DIR.into(),
+                        ..Default::default()
+                    },
+                ]),
                 ..Default::default()
             }],
-            volumes: Some(vec![Volume {
-                name: "workspace".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            }]),
+            volumes: Some(vec![
+                Volume {
+                    name: "workspace".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+                Volume {
+                    name: "scratch".into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                },
+            ]),
             ..Default::default()
         }),
         status: None,

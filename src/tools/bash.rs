@@ -42,11 +42,40 @@ pub trait CommandRunner: Send + Sync {
 
 pub struct BashTool {
     runner: Arc<dyn CommandRunner>,
+    /// Where the full text of a cut output is saved for the model to read.
+    spill: Option<Arc<dyn super::FileSystem>>,
 }
+
+/// Directory of saved full outputs, in the sandbox.
+pub const SPILL_DIR: &str = "/tmp";
 
 impl BashTool {
     pub fn new(runner: Arc<dyn CommandRunner>) -> Self {
-        BashTool { runner }
+        BashTool {
+            runner,
+            spill: None,
+        }
+    }
+
+    /// Saves outputs that are cut in `files`, and tells the model where.
+    pub fn spilling_to(mut self, files: Arc<dyn super::FileSystem>) -> Self {
+        self.spill = Some(files);
+        self
+    }
+
+    async fn save_full_output(&self, output: &str) -> Option<String> {
+        let fs = self.spill.as_ref()?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = format!("{SPILL_DIR}/bash_output_{stamp}.txt");
+        match fs.write(&path, output.as_bytes(), true).await {
+            Ok(()) => Some(path),
+            Err(e) => {
+                tracing::debug!(?e, "could not save a long output");
+                None
+            }
+        }
     }
 }
 
@@ -129,7 +158,18 @@ impl Tool for BashTool {
             .runner
             .run(&args.command, work_dir, Duration::from_secs(timeout))
             .await?;
-        Ok(format_output(&out, timeout))
+        let clean = strip_ansi(&out.output);
+        let chars = clean.chars().count();
+        let mut result = format_output(&out, timeout);
+        if chars > OUTPUT_MAX_CHARS
+            && let Some(path) = self.save_full_output(&clean).await
+        {
+            result.content.push_str(&format!(
+                "\n\n[The output was {chars} characters; all of it is in {path}. Read parts \
+                 of it with read (offset, limit) or search it with grep.]"
+            ));
+        }
+        Ok(result)
     }
 }
 

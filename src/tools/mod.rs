@@ -2,6 +2,8 @@
 //! dispatches calls by name.
 
 pub mod bash;
+pub mod edit_match;
+pub mod files;
 pub mod plan;
 
 use std::collections::BTreeMap;
@@ -12,6 +14,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use bash::{BashTool, CommandOutput, CommandRunner};
+pub use files::{FileError, FileSystem, Files};
 pub use plan::PlanTool;
 
 use crate::llm::ToolSpec;
