@@ -57,6 +57,14 @@ struct ControllerArgs {
     /// Seconds a sandbox pod may take to start before the session fails.
     #[arg(long, default_value_t = 300)]
     sandbox_startup_timeout: u64,
+    /// CIDRs sandboxes may connect to (comma-separated; `none` for DNS only). Enforced by
+    /// the cluster's NetworkPolicy implementation.
+    #[arg(long, default_value = "0.0.0.0/0,::/0")]
+    sandbox_egress: String,
+    /// Ranges sandboxes may never reach, carved out of the allowed CIDRs (comma-separated;
+    /// `none` for no exception). The default blocks the cloud metadata endpoint.
+    #[arg(long, default_value = "169.254.169.254/32")]
+    sandbox_egress_except: String,
     /// Seconds one model call may take.
     #[arg(long, default_value_t = 600)]
     llm_timeout: u64,
@@ -180,6 +188,10 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
         max_concurrent_sessions: args.max_concurrent_sessions.max(1),
         default_sandbox_image: args.sandbox_image,
         sandbox_startup_timeout: Duration::from_secs(args.sandbox_startup_timeout),
+        sandbox_egress: ml_intern::runtime::sandbox_template::EgressPolicy {
+            allow: cidr_list(&args.sandbox_egress),
+            except: cidr_list(&args.sandbox_egress_except),
+        },
         llm_timeout: Duration::from_secs(args.llm_timeout),
         llm_retry_delays: delays,
         llm_rate_limit_delays: rate_limit_delays,
@@ -190,4 +202,13 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
         .await
         .map_err(|e| format!("cannot connect to Kubernetes (KUBECONFIG or in-cluster): {e}"))?;
     controller::run(client, config, args.http_addr).await
+}
+
+/// A comma-separated CIDR list; `none` or nothing is empty.
+fn cidr_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && *c != "none")
+        .map(str::to_string)
+        .collect()
 }

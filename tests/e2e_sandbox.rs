@@ -137,3 +137,106 @@ async fn read_write_edit_and_bash_keep_their_contracts_in_a_real_pod() {
     );
     assert_eq!(last[2], "1000015", "all of {saved} was saved in the pod");
 }
+
+#[tokio::test]
+async fn the_sandbox_pod_is_hardened_fenced_and_shaped_by_the_spec() {
+    let env = E2e::start("podspec").await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "id -u; printf '%s' \"$HF_TOKEN\" | wc -c; echo \"from=$FROM_SECRET\"; \
+                   touch /etc/x 2>&1 || echo no-root-write; \
+                   ls /var/run/secrets/kubernetes.io/serviceaccount 2>&1 || echo no-token"}),
+        )]),
+        Step::AnswerWhenReleased(release.clone(), "checked".into()),
+    ])
+    .await;
+    env.create_secret("hf", "token", "hf_0123456789abcdefghij")
+        .await;
+    env.create_secret("extra", "FROM_SECRET", "yes").await;
+    env.create_session(
+        "shaped",
+        json!({"prompt": "Check the sandbox.", "model": "openai/scripted",
+               "llm": {"baseUrl": llm.base_url},
+               "sandbox": {
+                   "imagePullPolicy": "Never",
+                   "resources": {"requests": {"cpu": "50m"}},
+                   "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+                   "envFrom": [{"secretRef": {"name": "extra"}}],
+                   "nodeSelector": {"kubernetes.io/os": "linux"},
+                   "tolerations": [{"key": "example.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                   "workspace": {"sizeLimit": "1Gi"}
+               }}),
+    )
+    .await;
+    let requests = llm.wait_for_requests(2, 2 * MINUTE).await;
+    let out = tool_results(&requests[1].body).remove(0);
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines[0], "1000", "runs as the fixed non-root user: {out}");
+    assert_eq!(lines[1], "23", "HF_TOKEN from the named Secret: {out}");
+    assert_eq!(lines[2], "from=yes", "envFrom: {out}");
+    assert!(out.contains("no-root-write"), "{out}");
+    assert!(out.contains("no-token"), "no service account token: {out}");
+
+    let pod = env.pods().get("shaped-sandbox").await.unwrap();
+    let spec = pod.spec.unwrap();
+    assert_eq!(spec.automount_service_account_token, Some(false));
+    assert_eq!(spec.enable_service_links, Some(false));
+    let psc = spec.security_context.unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.run_as_user, Some(1000));
+    assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    assert_eq!(spec.node_selector.unwrap()["kubernetes.io/os"], "linux");
+    assert_eq!(
+        spec.tolerations.unwrap()[0].key.as_deref(),
+        Some("example.com/gpu")
+    );
+    let workspace = &spec.volumes.as_ref().unwrap()[0];
+    assert_eq!(
+        workspace
+            .empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0,
+        "1Gi"
+    );
+    let c = &spec.containers[0];
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.privileged, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+        &["ALL"]
+    );
+    let r = c.resources.as_ref().unwrap();
+    assert_eq!(r.requests.as_ref().unwrap()["cpu"].0, "50m");
+    assert_eq!(r.limits.as_ref().unwrap()["cpu"].0, "50m");
+    assert_eq!(r.limits.as_ref().unwrap()["memory"].0, "4Gi");
+
+    let policies: kube::Api<k8s_openapi::api::networking::v1::NetworkPolicy> =
+        kube::Api::namespaced(env.client.clone(), &env.namespace);
+    let policy = policies.get("shaped-sandbox").await.unwrap();
+    let owner = &policy.metadata.owner_references.unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("AgentSession", "shaped")
+    );
+    let p = policy.spec.unwrap();
+    assert_eq!(p.policy_types.unwrap(), ["Ingress", "Egress"]);
+    assert!(
+        p.ingress.unwrap_or_default().is_empty(),
+        "Ingress in policyTypes with no rule: nothing may connect"
+    );
+    let selector = p.pod_selector.unwrap().match_labels.unwrap();
+    let labels = pod.metadata.labels.unwrap();
+    assert!(
+        selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        "it selects the pod"
+    );
+    release.notify_one();
+    env.wait_for_phase("shaped", "Succeeded", MINUTE).await;
+}

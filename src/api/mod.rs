@@ -5,7 +5,7 @@ pub mod session;
 pub use session::{
     AgentSession, AgentSessionSpec, AgentSessionStatus, BudgetSpec, ContextStatus, LlmApi, LlmSpec,
     PlanEntry, SandboxSpec, SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage,
-    TranscriptStatus,
+    TranscriptStatus, WorkspaceSpec,
 };
 
 /// API group of every resource this operator defines.

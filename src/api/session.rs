@@ -1,6 +1,8 @@
 //! `AgentSession`: one task for the agent, reconciled into an agent loop and a sandbox pod.
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -193,9 +195,68 @@ pub struct SandboxSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
 
-    /// Environment variables of the sandbox container.
+    /// Environment variables of the sandbox container, e.g. `HF_TOKEN` from a Secret you
+    /// name (`valueFrom.secretKeyRef`). The model API key is never put in the sandbox.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env: Vec<EnvVar>,
+
+    /// Variables from whole Secrets or ConfigMaps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+
+    /// Nodes the sandbox may run on, e.g. a GPU node pool.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints the sandbox tolerates, e.g. `nvidia.com/gpu` on GPU nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// RuntimeClass of the pod, e.g. `gvisor` or `kata` for a stronger boundary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub runtime_class_name: Option<String>,
+
+    /// ServiceAccount whose token the sandbox gets. Unset: none, and no token is mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub service_account_name: Option<String>,
+
+    /// What backs /workspace: an emptyDir (the default; lost with the pod) or an
+    /// existing PersistentVolumeClaim (kept when the pod is lost or the session ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<WorkspaceSpec>,
+
+    /// Start the sandbox when the session starts instead of at the first tool call.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub eager: bool,
+
+    /// Seconds the sandbox pod is kept after a turn ends (Succeeded or Failed), for
+    /// debugging or a quick follow-up message; 0 (default) deletes it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub keep_after_completion_seconds: Option<u32>,
+
+    /// Seconds a suspended session keeps its sandbox pod (default 3600); the workspace
+    /// goes with it unless it is a PersistentVolumeClaim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 604800))]
+    pub idle_timeout_seconds: Option<u32>,
+}
+
+/// The sandbox's /workspace volume.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkspaceSpec {
+    /// An existing PersistentVolumeClaim in the session's namespace (ReadWriteOnce is
+    /// enough). Unset: an emptyDir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub claim_name: Option<String>,
+
+    /// Size limit of the emptyDir, e.g. `20Gi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
 }
 
 /// Where a session is in its lifecycle.

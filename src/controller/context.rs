@@ -28,6 +28,8 @@ pub struct ControllerConfig {
     pub default_sandbox_image: String,
     /// How long a sandbox pod may take to start.
     pub sandbox_startup_timeout: Duration,
+    /// Where sandboxes may connect (their NetworkPolicy).
+    pub sandbox_egress: crate::runtime::sandbox_template::EgressPolicy,
     /// Timeout of one model call.
     pub llm_timeout: Duration,
     /// Waits between retries of a model call that failed transiently.
@@ -47,6 +49,7 @@ impl Default for ControllerConfig {
             max_concurrent_sessions: 16,
             default_sandbox_image: "python:3.12-slim".into(),
             sandbox_startup_timeout: Duration::from_secs(300),
+            sandbox_egress: Default::default(),
             llm_timeout: Duration::from_secs(600),
             llm_retry_delays: vec![Duration::from_secs(5), Duration::from_secs(15)],
             llm_rate_limit_delays: vec![Duration::from_secs(30), Duration::from_secs(60)],

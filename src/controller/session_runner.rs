@@ -30,7 +30,7 @@ use crate::api::{
 use crate::llm::catalog::Price;
 use crate::llm::{ChatModel, ModelSettings, client_for};
 use crate::redact::Redactor;
-use crate::runtime::sandbox_template::{default_resources, sandbox_pod};
+use crate::runtime::sandbox_template::{sandbox_network_policy, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
 use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
@@ -365,27 +365,24 @@ impl SessionRun {
     fn sandbox(&self, lifecycle: mpsc::Sender<SandboxEvent>) -> Option<Arc<SandboxPod>> {
         let spec = &self.session.spec;
         let owner = self.session.controller_owner_ref(&())?;
-        let settings = SandboxSettings {
-            image: spec
-                .sandbox
-                .image
-                .clone()
-                .unwrap_or_else(|| self.ctx.config.default_sandbox_image.clone()),
-            image_pull_policy: spec.sandbox.image_pull_policy.clone(),
-            resources: spec
-                .sandbox
-                .resources
-                .clone()
-                .unwrap_or_else(default_resources),
-            env: spec.sandbox.env.clone(),
-        };
+        let settings =
+            SandboxSettings::from_spec(&spec.sandbox, &self.ctx.config.default_sandbox_image);
         let namespace = self.session.namespace().unwrap_or_default();
-        Some(Arc::new(SandboxPod::new(
-            self.pods.clone(),
-            sandbox_pod(&self.name(), &namespace, owner, &settings),
-            self.ctx.config.sandbox_startup_timeout,
-            lifecycle,
-        )))
+        let policy = sandbox_network_policy(
+            &self.name(),
+            &namespace,
+            owner.clone(),
+            &self.ctx.config.sandbox_egress,
+        );
+        Some(Arc::new(
+            SandboxPod::new(
+                self.pods.clone(),
+                sandbox_pod(&self.name(), &namespace, owner, &settings),
+                self.ctx.config.sandbox_startup_timeout,
+                lifecycle,
+            )
+            .with_network_policy(Api::namespaced(self.ctx.client.clone(), &namespace), policy),
+        ))
     }
 
     /// Runs (or resumes) the open turn and records how it ended.

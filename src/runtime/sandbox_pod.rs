@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, AttachParams, DeleteParams, PostParams};
 use kube::runtime::wait::await_condition;
 use tokio::io::AsyncReadExt;
@@ -70,6 +71,8 @@ pub struct SandboxPod {
     lifecycle: mpsc::Sender<SandboxEvent>,
     /// Numbers the commands run, for their process-group files.
     commands: std::sync::atomic::AtomicU64,
+    /// Created before the pod so the pod never runs unfenced.
+    network_policy: Option<(Api<NetworkPolicy>, NetworkPolicy)>,
 }
 
 /// Where a pod stands on its way to running commands.
@@ -175,7 +178,13 @@ impl SandboxPod {
             ready: Mutex::new(false),
             lifecycle,
             commands: std::sync::atomic::AtomicU64::new(0),
+            network_policy: None,
         }
+    }
+
+    pub fn with_network_policy(mut self, api: Api<NetworkPolicy>, policy: NetworkPolicy) -> Self {
+        self.network_policy = Some((api, policy));
+        self
     }
 
     /// Creates the pod unless it exists, then waits until it runs. Parallel callers wait
@@ -195,6 +204,19 @@ impl SandboxPod {
                 pod_name: self.name.clone(),
             })
             .await;
+        if let Some((api, policy)) = &self.network_policy {
+            match api.create(&PostParams::default(), policy).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => {
+                    return Err(fail(format!(
+                        "cannot create the sandbox's NetworkPolicy {}: {}",
+                        self.name,
+                        kube_error_text(&e)
+                    )));
+                }
+            }
+        }
         match self
             .pods
             .create(&PostParams::default(), &self.template)
