@@ -240,3 +240,102 @@ async fn the_sandbox_pod_is_hardened_fenced_and_shaped_by_the_spec() {
     release.notify_one();
     env.wait_for_phase("shaped", "Succeeded", MINUTE).await;
 }
+
+/// A hostPath PersistentVolume bound to a claim `name` in the test namespace, writable
+/// by the sandbox user (the local cluster's node is this machine).
+async fn host_path_claim(env: &E2e, name: &str) -> String {
+    let dir = format!("/tmp/ml-intern-e2e-pv/{}", env.namespace);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::process::Command::new("chmod")
+        .args(["0777", &dir])
+        .status()
+        .unwrap();
+    let pv_name = format!("{}-{name}", env.namespace);
+    let pv = format!(
+        r#"{{"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {{"name": "{pv_name}"}},
+           "spec": {{"capacity": {{"storage": "1Gi"}}, "accessModes": ["ReadWriteOnce"],
+                    "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                    "hostPath": {{"path": "{dir}", "type": "Directory"}}}}}}"#
+    );
+    let claim = format!(
+        r#"{{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {{"name": "{name}"}},
+           "spec": {{"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": "{pv_name}",
+                    "resources": {{"requests": {{"storage": "1Gi"}}}}}}}}"#
+    );
+    for manifest in [pv, claim] {
+        let out = env.kubectl_apply(&manifest);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    pv_name
+}
+
+/// Runs a session whose sandbox pod is deleted while a command runs, and returns what the
+/// model was told by that command and by the next one.
+async fn lose_the_pod(env: &E2e, session: &str, workspace: Value) -> (String, String) {
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "echo kept > /workspace/keep.txt; sleep 120"}),
+        )]),
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "cat /workspace/keep.txt 2>&1 || echo missing"}),
+        )]),
+        Step::Answer("done".into()),
+    ])
+    .await;
+    env.create_session(
+        session,
+        json!({"prompt": "Keep a file.", "model": "openai/scripted",
+               "llm": {"baseUrl": llm.base_url},
+               "sandbox": {"imagePullPolicy": "Never", "workspace": workspace}}),
+    )
+    .await;
+    let pod = format!("{session}-sandbox");
+    env.wait_for_exec(&pod, &["cat", "/workspace/keep.txt"], 2 * MINUTE, |out| {
+        out.contains("kept")
+    })
+    .await;
+    env.pods()
+        .delete(&pod, &Default::default())
+        .await
+        .expect("delete the sandbox pod");
+    env.wait_for_phase(session, "Succeeded", 2 * MINUTE).await;
+    env.wait_for_event(session, "SandboxLost", MINUTE).await;
+    let requests = llm.requests();
+    let results = tool_results(&requests.last().unwrap().body);
+    (results[0].clone(), results[1].clone())
+}
+
+#[tokio::test]
+async fn a_sandbox_pod_lost_mid_session_is_recreated_and_the_model_is_told() {
+    let env = E2e::start("podloss").await;
+    let (during, after) = lose_the_pod(&env, "scratch", json!({})).await;
+    assert!(
+        during.contains("The sandbox pod was lost while this command ran"),
+        "{during}"
+    );
+    assert!(
+        after.starts_with(
+            "[The sandbox pod was lost and a new one was started. /workspace was not persistent"
+        ),
+        "{after}"
+    );
+    assert!(
+        after.contains("missing"),
+        "the emptyDir went with the pod: {after}"
+    );
+
+    let pv = host_path_claim(&env, "work").await;
+    let (during, after) = lose_the_pod(&env, "durable", json!({"claimName": "work"})).await;
+    assert!(during.contains("lost while this command ran"), "{during}");
+    assert!(
+        after.contains("PersistentVolumeClaim and was kept") && after.contains("\nkept"),
+        "the claim kept the file: {after}"
+    );
+    let _ = env.kubectl(&["delete", "pv", &pv, "--wait=false"]);
+}

@@ -778,6 +778,17 @@ impl SessionRun {
                 );
                 self.status.apply_or_log().await;
             }
+            SandboxEvent::Lost { pod_name, why } => {
+                let msg = self.redact(&format!(
+                    "sandbox pod {pod_name} was lost ({why}); a new one is started on the next tool call"
+                ));
+                self.status
+                    .set_condition(condition::SANDBOX_READY, false, "PodLost", &msg);
+                self.status.apply_or_log().await;
+                self.ctx
+                    .publish(&self.object, EventType::Warning, "SandboxLost", msg)
+                    .await;
+            }
             SandboxEvent::Ready { pod_name } => {
                 let msg = format!("sandbox pod {pod_name} is running");
                 self.status

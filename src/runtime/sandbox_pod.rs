@@ -58,8 +58,27 @@ const WRITE_SCRIPT: &str = "f=$1; [ -d \"$f\" ] && exit 4; \
 /// Lifecycle changes the controller records in the session's status.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SandboxEvent {
-    Creating { pod_name: String },
-    Ready { pod_name: String },
+    Creating {
+        pod_name: String,
+    },
+    Ready {
+        pod_name: String,
+    },
+    /// The pod went away mid-session (deleted, evicted, its node lost); a new one follows.
+    Lost {
+        pod_name: String,
+        why: String,
+    },
+}
+
+/// The sandbox pod as this session last saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PodLife {
+    /// Not created yet (or not by this runner).
+    Absent,
+    Ready,
+    /// It was running and is gone or going; the next use starts a new one.
+    Lost,
 }
 
 pub struct SandboxPod {
@@ -67,8 +86,10 @@ pub struct SandboxPod {
     template: Pod,
     name: String,
     startup_timeout: Duration,
-    ready: Mutex<bool>,
+    life: Mutex<PodLife>,
     lifecycle: mpsc::Sender<SandboxEvent>,
+    /// /workspace is a PersistentVolumeClaim, so it outlives the pod.
+    persistent_workspace: bool,
     /// Numbers the commands run, for their process-group files.
     commands: std::sync::atomic::AtomicU64,
     /// Created before the pod so the pod never runs unfenced.
@@ -172,13 +193,18 @@ impl SandboxPod {
         let name = template.metadata.name.clone().unwrap_or_default();
         SandboxPod {
             pods,
-            template,
             name,
             startup_timeout,
-            ready: Mutex::new(false),
+            life: Mutex::new(PodLife::Absent),
             lifecycle,
+            persistent_workspace: template
+                .spec
+                .as_ref()
+                .and_then(|s| s.volumes.as_ref())
+                .is_some_and(|v| v.iter().any(|v| v.persistent_volume_claim.is_some())),
             commands: std::sync::atomic::AtomicU64::new(0),
             network_policy: None,
+            template,
         }
     }
 
@@ -189,15 +215,26 @@ impl SandboxPod {
 
     /// Creates the pod unless it exists, then waits until it runs. Parallel callers wait
     /// for the same pod.
-    async fn ensure_ready(&self) -> Result<(), ToolFailure> {
-        let mut ready = self.ready.lock().await;
-        if *ready {
-            return Ok(());
+    /// Ok(true) when the pod had been lost and this started a new one.
+    async fn ensure_ready(&self) -> Result<bool, ToolFailure> {
+        let mut life = self.life.lock().await;
+        if *life == PodLife::Ready {
+            return Ok(false);
         }
         let fail = |message: String| ToolFailure {
             reason: "SandboxFailed".into(),
             message,
         };
+        let recreating = *life == PodLife::Lost;
+        {
+            self.clear_remains(recreating).await.map_err(|e| {
+                fail(format!(
+                    "sandbox pod {} was lost and its remains cannot be cleared: {}",
+                    self.name,
+                    kube_error_text(&e)
+                ))
+            })?;
+        }
         let _ = self
             .lifecycle
             .send(SandboxEvent::Creating {
@@ -276,14 +313,78 @@ impl SandboxPod {
                 )));
             }
         }
-        *ready = true;
+        *life = PodLife::Ready;
         let _ = self
             .lifecycle
             .send(SandboxEvent::Ready {
                 pod_name: self.name.clone(),
             })
             .await;
+        Ok(recreating)
+    }
+
+    /// A pod still terminating (say, from the previous turn) is waited out, and a lost
+    /// one that stopped (evicted) is removed, so a new one can take the name. A healthy pod
+    /// left by an earlier runner is kept and reused.
+    async fn clear_remains(&self, lost: bool) -> Result<(), kube::Error> {
+        let Some(pod) = self.pods.get_opt(&self.name).await? else {
+            return Ok(());
+        };
+        if pod.metadata.deletion_timestamp.is_none() {
+            if !lost {
+                return Ok(());
+            }
+            Self::delete(&self.pods, &self.name).await?;
+        }
+        let gone = |p: Option<&Pod>| p.is_none();
+        let _ = tokio::time::timeout(
+            self.startup_timeout,
+            await_condition(self.pods.clone(), &self.name, gone),
+        )
+        .await;
         Ok(())
+    }
+
+    /// After a command broke off: is the pod gone or going? Then it is marked lost.
+    async fn check_lost(&self) -> Option<String> {
+        let why = match self.pods.get_opt(&self.name).await {
+            Ok(None) => "it was deleted".to_string(),
+            Ok(Some(p)) if p.metadata.deletion_timestamp.is_some() => {
+                "it is being deleted".to_string()
+            }
+            Ok(Some(p)) => match pod_state(&p) {
+                PodState::Failed(why) => why,
+                _ => return None,
+            },
+            Err(_) => return None,
+        };
+        *self.life.lock().await = PodLife::Lost;
+        let _ = self
+            .lifecycle
+            .send(SandboxEvent::Lost {
+                pod_name: self.name.clone(),
+                why: why.clone(),
+            })
+            .await;
+        Some(why)
+    }
+
+    fn workspace_note(&self) -> &'static str {
+        if self.persistent_workspace {
+            "/workspace is on a PersistentVolumeClaim and was kept; running processes and \
+             files elsewhere (such as /tmp and installed packages) are gone"
+        } else {
+            "/workspace was not persistent, so it is empty again: files you wrote and \
+             packages you installed are gone"
+        }
+    }
+
+    /// The note the model gets with the first result from a new pod.
+    fn recreated_note(&self) -> String {
+        format!(
+            "[The sandbox pod was lost and a new one was started. {}.]",
+            self.workspace_note()
+        )
     }
 
     async fn exec(
@@ -441,24 +542,44 @@ impl CommandRunner for SandboxPod {
         work_dir: &str,
         timeout: Duration,
     ) -> Result<CommandOutput, ToolFailure> {
-        self.ensure_ready().await?;
+        let recreated = self.ensure_ready().await?;
         let id = self
             .commands
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pid_file = format!("{SCRATCH_DIR}/.ml-intern-command-{id}.pid");
-        match tokio::time::timeout(timeout, self.exec(command, work_dir, &pid_file)).await {
+        let lost = |why: String, output: &str| CommandOutput {
+            output: format!(
+                "{output}\n[The sandbox pod was lost while this command ran ({why}); a new \
+                 one starts with your next command.]"
+            ),
+            exit_code: None,
+            timed_out: false,
+        };
+        let result = match tokio::time::timeout(timeout, self.exec(command, work_dir, &pid_file))
+            .await
+        {
+            // No exit code, or death by a signal: maybe the pod went away under it.
+            Ok(Ok(out)) if out.exit_code.is_none_or(|c| c >= 128) => {
+                match self.check_lost().await {
+                    Some(why) => Ok(lost(why, &out.output)),
+                    None => Ok(out),
+                }
+            }
             Ok(Ok(out)) => Ok(out),
             // The command never reached the pod or the stream broke: the model can retry,
             // so it is told rather than the session failed.
-            Ok(Err(e)) => Ok(CommandOutput {
-                output: format!(
-                    "could not run the command in sandbox pod {}: {}",
-                    self.name,
-                    kube_error_text(&e)
-                ),
-                exit_code: None,
-                timed_out: false,
-            }),
+            Ok(Err(e)) => match self.check_lost().await {
+                Some(why) => Ok(lost(why, "")),
+                None => Ok(CommandOutput {
+                    output: format!(
+                        "could not run the command in sandbox pod {}: {}",
+                        self.name,
+                        kube_error_text(&e)
+                    ),
+                    exit_code: None,
+                    timed_out: false,
+                }),
+            },
             Err(_) => {
                 let argv = Self::file_argv(KILL_GROUP, &[&pid_file]);
                 if let Err(e) = self.exec_with_input(argv, None, 1024).await {
@@ -470,7 +591,13 @@ impl CommandRunner for SandboxPod {
                     timed_out: true,
                 })
             }
-        }
+        };
+        result.map(|mut out| {
+            if recreated {
+                out.output = format!("{}\n{}", self.recreated_note(), out.output);
+            }
+            out
+        })
     }
 }
 
@@ -478,6 +605,19 @@ impl CommandRunner for SandboxPod {
 const FILE_OP_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl SandboxPod {
+    /// A file operation right after the pod was replaced is not done: what the model
+    /// meant may be gone, so it is told first.
+    async fn ready_for_files(&self) -> Result<(), FileError> {
+        match self.ensure_ready().await {
+            Ok(false) => Ok(()),
+            Ok(true) => Err(FileError::Refused(format!(
+                "{} Check what is there and try again.",
+                self.recreated_note()
+            ))),
+            Err(f) => Err(FileError::Unavailable(f)),
+        }
+    }
+
     async fn file_op(
         &self,
         argv: Vec<String>,
@@ -486,7 +626,12 @@ impl SandboxPod {
     ) -> Result<(Vec<u8>, i32), FileError> {
         match tokio::time::timeout(FILE_OP_TIMEOUT, self.exec_with_input(argv, stdin, cap)).await {
             Ok(Ok(done)) => Ok(done),
-            Ok(Err(e)) => Err(unavailable(&self.name, &e)),
+            Ok(Err(e)) => match self.check_lost().await {
+                Some(why) => Err(FileError::Refused(format!(
+                    "the sandbox pod was lost ({why}); a new one starts with your next call"
+                ))),
+                None => Err(unavailable(&self.name, &e)),
+            },
             Err(_) => Err(FileError::Refused(format!(
                 "sandbox pod {} did not finish the operation within {}s",
                 self.name,
@@ -511,7 +656,7 @@ impl FileSystem for SandboxPod {
         lines: Option<(usize, usize)>,
         max_bytes: u64,
     ) -> Result<Vec<u8>, FileError> {
-        self.ensure_ready().await.map_err(FileError::Unavailable)?;
+        self.ready_for_files().await?;
         let (first, last) = lines.map_or((String::new(), String::new()), |(a, b)| {
             (a.to_string(), b.to_string())
         });
@@ -536,7 +681,7 @@ impl FileSystem for SandboxPod {
     }
 
     async fn write(&self, path: &str, content: &[u8], overwrite: bool) -> Result<(), FileError> {
-        self.ensure_ready().await.map_err(FileError::Unavailable)?;
+        self.ready_for_files().await?;
         let keep = if overwrite { "0" } else { "1" };
         let argv = Self::file_argv(WRITE_SCRIPT, &[path, &content.len().to_string(), keep]);
         let (out, code) = self.file_op(argv, Some(content), 64 * 1024).await?;
