@@ -204,6 +204,11 @@ async fn suspend_kills_the_running_tool_and_resume_finishes_the_turn() {
     env.patch_spec("pausable", json!({"suspend": true})).await;
     let suspended = env.wait_for_phase("pausable", "Suspended", MINUTE).await;
     assert_eq!(condition(&suspended, "Running").reason, "Suspended");
+    let idle_until = suspended.status.as_ref().unwrap().sandbox.as_ref().unwrap();
+    assert!(
+        idle_until.delete_after.is_some(),
+        "a suspended session's pod has an idle deadline"
+    );
     env.wait_for_event("pausable", "Suspended", MINUTE).await;
     // The tool's process is gone; the pod and its workspace stay.
     env.wait_for_exec(pod, &["ps"], MINUTE, |o| {

@@ -339,3 +339,56 @@ async fn a_sandbox_pod_lost_mid_session_is_recreated_and_the_model_is_told() {
     );
     let _ = env.kubectl(&["delete", "pv", &pv, "--wait=false"]);
 }
+
+#[tokio::test]
+async fn an_eager_sandbox_starts_before_any_tool_call_and_is_kept_for_a_while_after() {
+    let env = E2e::start("retention").await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let llm = ScriptedLlm::start(vec![Step::AnswerWhenReleased(
+        release.clone(),
+        "nothing to run".into(),
+    )])
+    .await;
+    env.create_session(
+        "kept",
+        json!({"prompt": "Answer.", "model": "openai/scripted",
+               "llm": {"baseUrl": llm.base_url},
+               "sandbox": {"imagePullPolicy": "Never", "eager": true,
+                           "keepAfterCompletionSeconds": 5}}),
+    )
+    .await;
+    // The model has not asked for a tool, yet the pod comes up.
+    env.wait_for_condition("kept", "SandboxReady", "True", 2 * MINUTE)
+        .await;
+    assert_eq!(llm.requests().len(), 1);
+    release.notify_one();
+    env.wait_for_phase("kept", "Succeeded", MINUTE).await;
+    env.wait_for_session("kept", MINUTE, "an idle deadline for the pod", |s| {
+        s.status
+            .as_ref()
+            .and_then(|st| st.sandbox.as_ref())
+            .is_some_and(|sb| sb.delete_after.is_some())
+    })
+    .await;
+    assert!(
+        env.pods().get_opt("kept-sandbox").await.unwrap().is_some(),
+        "kept after the turn"
+    );
+    env.wait_for_event("kept", "SandboxDeleted", MINUTE).await;
+    env.wait_for_deletion_requested(env.pods(), "kept-sandbox", MINUTE)
+        .await;
+    let after = env
+        .wait_for_session("kept", MINUTE, "sandbox cleared", |s| {
+            s.status.as_ref().is_some_and(|st| st.sandbox.is_none())
+        })
+        .await;
+    assert_eq!(
+        after
+            .status
+            .unwrap()
+            .phase
+            .map(|p| format!("{p:?}"))
+            .as_deref(),
+        Some("Succeeded")
+    );
+}

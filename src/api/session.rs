@@ -384,7 +384,14 @@ pub struct TranscriptStatus {
 pub struct SandboxStatus {
     /// Name of the pod in the session's namespace.
     pub pod_name: String,
+    /// When the idle pod will be deleted (`keepAfterCompletionSeconds` after a turn ended,
+    /// `idleTimeoutSeconds` after a suspend); unset while it is in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delete_after: Option<Time>,
 }
+
+/// How long a suspended session keeps its sandbox pod when the spec does not say.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u32 = 3600;
 
 /// Token counts as the model endpoint reported them, and their estimated cost.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
@@ -51,23 +52,29 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     let phase = status.and_then(|s| s.phase);
     // The spec changed since the status was written: new messages, suspend, a rewrite.
     let spec_changed = status.and_then(|s| s.observed_generation) != generation;
-    {
+    let runner_done = {
         let Ok(mut sessions) = ctx.sessions.lock() else {
             return Ok(Action::await_change());
         };
         match sessions.get(&uid) {
             Some(SessionEntry::Active { spec, .. }) => {
                 spec.send_replace(session.clone());
-                return Ok(Action::await_change());
+                // The runner may be retiring after setting deleteAfter: come back then.
+                return Ok(match sandbox_deadline(&session) {
+                    Some(left) => Action::requeue(left.max(Duration::from_secs(1))),
+                    None => Action::await_change(),
+                });
             }
-            Some(SessionEntry::Finished { generation: done }) if *done >= generation => {
-                return Ok(Action::await_change());
-            }
+            Some(SessionEntry::Finished { generation: done }) if *done >= generation => true,
             Some(SessionEntry::Finished { .. }) => {
                 sessions.remove(&uid);
+                false
             }
-            None => {}
+            None => false,
         }
+    };
+    if runner_done {
+        return expire_sandbox(&session, &ctx).await;
     }
     let settled = match phase {
         Some(p) if p.is_terminal() => true,
@@ -75,13 +82,18 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
         _ => false,
     };
     if settled && !spec_changed {
-        if phase.is_some_and(|p| p.is_terminal()) {
+        let kept = session
+            .status
+            .as_ref()
+            .and_then(|s| s.sandbox.as_ref())
+            .is_some_and(|s| s.delete_after.is_some());
+        if phase.is_some_and(|p| p.is_terminal()) && !kept {
             // The runner deletes the sandbox when it has nothing left to do; this catches a
             // pod it missed.
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
             SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
         }
-        return Ok(Action::await_change());
+        return expire_sandbox(&session, &ctx).await;
     }
 
     let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -107,6 +119,47 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
         let task = tokio::spawn(run_session(ctx.clone(), access, cancel.clone(), spec_rx));
         sessions.insert(uid, SessionEntry::Active { cancel, task, spec });
     }
+    Ok(Action::await_change())
+}
+
+/// Time left until the idle pod's `deleteAfter` (zero when it has passed).
+fn sandbox_deadline(session: &AgentSession) -> Option<Duration> {
+    let sandbox = session.status.as_ref()?.sandbox.as_ref()?;
+    let Time(deadline) = sandbox.delete_after.as_ref()?;
+    let left = deadline.duration_since(k8s_openapi::jiff::Timestamp::now());
+    Some(Duration::from_millis(left.as_millis().max(0) as u64))
+}
+
+/// An idle session's pod is deleted once `status.sandbox.deleteAfter` has passed; until
+/// then reconcile comes back at that time.
+async fn expire_sandbox(session: &AgentSession, ctx: &Context) -> Result<Action, Error> {
+    let Some(left) = sandbox_deadline(session) else {
+        return Ok(Action::await_change());
+    };
+    if !left.is_zero() {
+        return Ok(Action::requeue(left));
+    }
+    let Some(sandbox) = session.status.as_ref().and_then(|s| s.sandbox.as_ref()) else {
+        return Ok(Action::await_change());
+    };
+    let namespace = session.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    SandboxPod::delete(&pods, &sandbox.pod_name).await?;
+    let mut status = StatusWriter::new(Api::namespaced(ctx.client.clone(), &namespace), session);
+    status.status.sandbox = None;
+    let message = format!(
+        "sandbox pod {} was deleted after its idle time ran out",
+        sandbox.pod_name
+    );
+    status.set_condition(condition::SANDBOX_READY, false, "IdleTimeout", &message);
+    status.apply_or_log().await;
+    ctx.publish(
+        &session.object_ref(&()),
+        EventType::Normal,
+        "SandboxDeleted",
+        message,
+    )
+    .await;
     Ok(Action::await_change())
 }
 

@@ -22,7 +22,7 @@ use crate::agent::budget::{Budget, Spend};
 use crate::agent::guards;
 use crate::agent::prompt::system_prompt;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
-use crate::api::session::{FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS};
+use crate::api::session::{DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS};
 use crate::api::{
     AgentSession, AgentSessionSpec, ContextStatus, PlanEntry, SandboxStatus, SessionPhase,
     TokenUsage, TranscriptStatus,
@@ -450,6 +450,10 @@ impl SessionRun {
         let Some(sandbox) = self.sandbox(sandbox_tx) else {
             return TurnEnd::Deleted;
         };
+        if self.session.spec.sandbox.eager {
+            let sandbox = sandbox.clone();
+            tokio::spawn(async move { sandbox.start().await });
+        }
         let mut tools = ToolRouter::new();
         tools.register(Arc::new(
             BashTool::new(sandbox.clone()).spilling_to(sandbox.clone()),
@@ -769,6 +773,7 @@ impl SessionRun {
             SandboxEvent::Creating { pod_name } => {
                 self.status.status.sandbox = Some(SandboxStatus {
                     pod_name: pod_name.clone(),
+                    delete_after: None,
                 });
                 self.status.set_condition(
                     condition::SANDBOX_READY,
@@ -915,6 +920,8 @@ impl SessionRun {
         self.status.set_phase(SessionPhase::Suspended, message);
         self.status
             .set_condition(condition::RUNNING, false, "Suspended", message);
+        let idle = self.session.spec.sandbox.idle_timeout_seconds;
+        self.keep_sandbox_for(idle.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS));
         self.status.apply_or_log().await;
         self.ctx
             .publish(&self.object, EventType::Normal, "Suspended", message)
@@ -939,10 +946,31 @@ impl SessionRun {
 
     /// Nothing is left to do: the sandbox goes (its workspace with it) until a new message
     /// arrives.
+    /// Leaves the pod for `seconds`; reconcile deletes it then unless work resumes.
+    fn keep_sandbox_for(&mut self, seconds: u32) {
+        if let Some(sandbox) = self.status.status.sandbox.as_mut() {
+            let at = Timestamp::now()
+                .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(seconds.into()))
+                .unwrap_or_else(|_| Timestamp::now());
+            sandbox.delete_after = Some(Time(at));
+        }
+    }
+
     async fn go_idle(&mut self) {
         self.release_slot();
         let name = self.name();
         let pod = sandbox_pod_name(&name);
+        let keep = self
+            .session
+            .spec
+            .sandbox
+            .keep_after_completion_seconds
+            .unwrap_or(0);
+        if keep > 0 && self.status.status.sandbox.is_some() {
+            self.keep_sandbox_for(keep);
+            self.status.apply_or_log().await;
+            return;
+        }
         // Deleted by name even when no pod was recorded: a failed start may have left one.
         match SandboxPod::delete(&self.pods, &pod).await {
             Ok(()) if self.status.status.sandbox.is_some() => {

@@ -215,6 +215,14 @@ impl SandboxPod {
 
     /// Creates the pod unless it exists, then waits until it runs. Parallel callers wait
     /// for the same pod.
+    /// Starts the pod ahead of the first tool call (`spec.sandbox.eager`); a failure shows
+    /// again at that call.
+    pub async fn start(&self) {
+        if let Err(e) = self.ensure_ready().await {
+            tracing::info!(pod = %self.name, error = %e, "eager sandbox start failed");
+        }
+    }
+
     /// Ok(true) when the pod had been lost and this started a new one.
     async fn ensure_ready(&self) -> Result<bool, ToolFailure> {
         let mut life = self.life.lock().await;
