@@ -392,3 +392,55 @@ async fn an_eager_sandbox_starts_before_any_tool_call_and_is_kept_for_a_while_af
         Some("Succeeded")
     );
 }
+
+#[tokio::test]
+async fn python_code_is_written_run_edited_and_rerun_in_a_debian_sandbox() {
+    let env = E2e::start("python").await;
+    let script = "import json, statistics\n\
+                  xs = [1.0, 2.0, 3.0, 4.0]\n\
+                  ys = [2.1, 3.9, 6.2, 7.8]\n\
+                  SCALE = 1\n\
+                  slope = statistics.linear_regression(xs, ys).slope * SCALE\n\
+                  json.dump({\"slope\": round(slope, 3), \"note\": \"ünïcödé\"}, open(\"out/result.json\", \"w\"))\n\
+                  print(f\"slope={slope:.3f}\")\n";
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![(
+            "write",
+            json!({"path": "fit.py", "content": script}),
+        )]),
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "echo shell=${BASH_VERSION:+bash}; mkdir -p out && python3 fit.py"}),
+        )]),
+        Step::ToolCalls(vec![(
+            "edit",
+            json!({"path": "fit.py", "old_str": "SCALE = 1", "new_str": "SCALE = 10"}),
+        )]),
+        Step::ToolCalls(vec![("bash", json!({"command": "python3 fit.py"}))]),
+        Step::ToolCalls(vec![("read", json!({"path": "out/result.json"}))]),
+        Step::Answer("fitted".into()),
+    ])
+    .await;
+    env.create_session(
+        "fit",
+        json!({"prompt": "Fit a line.", "model": "openai/scripted",
+               "llm": {"baseUrl": llm.base_url},
+               "sandbox": {"image": support::PYTHON_IMAGE, "imagePullPolicy": "Never"}}),
+    )
+    .await;
+    env.wait_for_phase("fit", "Succeeded", 3 * MINUTE).await;
+    let requests = llm.requests();
+    let results = tool_results(&requests.last().unwrap().body);
+    assert!(results[0].starts_with("Wrote "), "{}", results[0]);
+    assert_eq!(results[1], "shell=bash\nslope=1.940\n");
+    assert!(
+        results[2].starts_with("Edited /workspace/fit.py"),
+        "{}",
+        results[2]
+    );
+    assert_eq!(results[3], "slope=19.400\n");
+    assert_eq!(
+        results[4],
+        "     1\t{\"slope\": 19.4, \"note\": \"\\u00fcn\\u00efc\\u00f6d\\u00e9\"}\n"
+    );
+}

@@ -4,7 +4,7 @@
 #
 #   tests/run.sh                    format, lint, unit tests, e2e tests on the local cluster
 #   KUBECONFIG=... tests/run.sh     the same against another cluster (it must be able to run
-#                                   the image localhost/ml-intern-sandbox:busybox)
+#                                   the images localhost/ml-intern-sandbox:busybox and :python)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 say() { echo "== $*" >&2; }
@@ -15,6 +15,8 @@ if [[ -z ${KUBECONFIG:-} ]]; then
   export KUBECONFIG=$(tests/cluster/local-k8s.sh kubeconfig)
   tests/cluster/local-k8s.sh has-image localhost/ml-intern-sandbox:busybox ||
     tests/cluster/local-k8s.sh busybox localhost/ml-intern-sandbox:busybox
+  tests/cluster/local-k8s.sh has-image localhost/ml-intern-sandbox:python ||
+    tests/cluster/local-k8s.sh debian localhost/ml-intern-sandbox:python
 fi
 
 say "starting the local model server"

@@ -10,6 +10,7 @@
 #   tests/cluster/local-k8s.sh down           stop everything `up` started
 #   tests/cluster/local-k8s.sh image NAME DIR load a root filesystem folder as image NAME
 #   tests/cluster/local-k8s.sh busybox NAME   load a busybox-static image as NAME
+#   tests/cluster/local-k8s.sh debian NAME    load a Debian image with Python 3 as NAME
 #   tests/cluster/local-k8s.sh has-image NAME exit 0 when the node has image NAME
 #   tests/cluster/local-k8s.sh kubeconfig     print the kubeconfig path
 #
@@ -139,6 +140,30 @@ busybox() {
   printf 'root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000:sandbox:/workspace:/bin/sh\n' >"$root/etc/passwd"
   printf 'root:x:0:\nsandbox:x:1000:\n' >"$root/etc/group"
   image "$1" "$root"
+  rm -rf "$root"
+}
+
+# debian NAME: a Debian bookworm root filesystem with Python 3 (debootstrap minbase), cached
+# as a tarball in the cluster's cache directory, so later runs only import it
+debian() {
+  local cache=$K8S_HOME/debian-python-rootfs.tar
+  local root; root=$(mktemp -d)
+  if [[ ! -f $cache ]]; then
+    ensure_packages debootstrap
+    say "building a Debian root filesystem with Python (a few minutes)"
+    debootstrap --variant=minbase --include=python3,procps bookworm "$root/fs" http://deb.debian.org/debian \
+      >"$K8S_HOME/debootstrap.log" 2>&1 || { say "debootstrap failed: see $K8S_HOME/debootstrap.log"; return 1; }
+    rm -rf "$root/fs/var/cache/apt/archives/"*.deb "$root/fs/var/lib/apt/lists/"*
+    mkdir -p "$root/fs/workspace"
+    chmod 1777 "$root/fs/workspace"
+    echo 'sandbox:x:1000:1000:sandbox:/workspace:/bin/bash' >>"$root/fs/etc/passwd"
+    echo 'sandbox:x:1000:' >>"$root/fs/etc/group"
+    tar -C "$root/fs" -cf "$cache.part" . && mv "$cache.part" "$cache"
+  else
+    mkdir -p "$root/fs"
+    tar -C "$root/fs" -xf "$cache"
+  fi
+  image "$1" "$root/fs"
   rm -rf "$root"
 }
 
@@ -285,6 +310,7 @@ case "${1:-}" in
   down) down ;;
   image) shift; image "$@" ;;
   busybox) busybox "${2:?image name}" ;;
+  debian) debian "${2:?image name}" ;;
   has-image) ctr --address "$CTD/containerd.sock" -n k8s.io images ls -q 2>/dev/null | grep -qx "${2:?image name}" ;;
   kubeconfig) echo "$KUBECONFIG_FILE" ;;
   *) sed -n '2,14p' "$0"; exit 2 ;;

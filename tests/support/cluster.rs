@@ -19,6 +19,8 @@ use tokio::io::AsyncReadExt;
 
 /// The busybox sandbox image that tests/run.sh loads into the node.
 pub const SANDBOX_IMAGE: &str = "localhost/ml-intern-sandbox:busybox";
+/// Debian bookworm with Python 3, loaded by tests/run.sh as well.
+pub const PYTHON_IMAGE: &str = "localhost/ml-intern-sandbox:python";
 
 #[derive(Default)]
 pub struct E2eOptions {

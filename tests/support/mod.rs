@@ -5,5 +5,5 @@
 pub mod cluster;
 pub mod scripted_llm;
 
-pub use cluster::{E2e, E2eOptions};
+pub use cluster::{E2e, E2eOptions, PYTHON_IMAGE};
 pub use scripted_llm::{ScriptedLlm, Step};
