@@ -8,6 +8,7 @@ use tracing_subscriber::EnvFilter;
 
 use ml_intern::controller::{self, ControllerConfig};
 use ml_intern::llm::catalog::ModelCatalog;
+use ml_intern::runtime::hardware::HardwarePresets;
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the AgentSession controller against the cluster in KUBECONFIG or in-cluster.
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Print a session's stored transcript as JSON lines (messages, turns and events).
     Transcript {
         /// Name of the AgentSession.
@@ -80,6 +81,10 @@ struct ControllerArgs {
     /// configs/controller/models.yaml, which is built in and used when unset).
     #[arg(long, env = "ML_INTERN_MODEL_CONFIG")]
     model_config: Option<PathBuf>,
+    /// YAML file of sandbox hardware presets (see configs/controller/sandbox-hardware.yaml,
+    /// which is built in and used when this is unset).
+    #[arg(long)]
+    sandbox_hardware: Option<PathBuf>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -92,7 +97,7 @@ struct ControllerArgs {
 async fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Controller(args) => run_controller(args).await,
+        Command::Controller(args) => run_controller(*args).await,
         Command::Crdgen { out_dir } => crdgen(&out_dir),
         Command::Transcript {
             session,
@@ -174,15 +179,18 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
     ml_intern::http::install_crypto_provider();
     let delays = seconds("--llm-retry-delays", &args.llm_retry_delays)?;
     let rate_limit_delays = seconds("--llm-rate-limit-delays", &args.llm_rate_limit_delays)?;
-    let models = match &args.model_config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("--model-config {}: {e}", path.display()))?;
-            ModelCatalog::parse(&text)
-                .map_err(|e| format!("--model-config {}: {e}", path.display()))?
-        }
-        None => ModelCatalog::builtin(),
-    };
+    let models = load_config(
+        "--model-config",
+        args.model_config.as_deref(),
+        ModelCatalog::parse,
+        ModelCatalog::builtin,
+    )?;
+    let hardware = load_config(
+        "--sandbox-hardware",
+        args.sandbox_hardware.as_deref(),
+        HardwarePresets::parse,
+        HardwarePresets::builtin,
+    )?;
     let config = ControllerConfig {
         namespace: args.namespace,
         max_concurrent_sessions: args.max_concurrent_sessions.max(1),
@@ -196,6 +204,7 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
         llm_retry_delays: delays,
         llm_rate_limit_delays: rate_limit_delays,
         models: std::sync::Arc::new(models),
+        sandbox_hardware: std::sync::Arc::new(hardware),
         ..ControllerConfig::default()
     };
     let client = kube::Client::try_default()
@@ -211,4 +220,19 @@ fn cidr_list(text: &str) -> Vec<String> {
         .filter(|c| !c.is_empty() && *c != "none")
         .map(str::to_string)
         .collect()
+}
+
+/// A YAML config file given by `flag`, or the built-in one.
+fn load_config<T>(
+    flag: &str,
+    path: Option<&std::path::Path>,
+    parse: fn(&str) -> Result<T, String>,
+    builtin: fn() -> T,
+) -> Result<T, String> {
+    let Some(path) = path else {
+        return Ok(builtin());
+    };
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
+    parse(&text).map_err(|e| format!("{flag} {}: {e}", path.display()))
 }

@@ -444,3 +444,87 @@ async fn python_code_is_written_run_edited_and_rerun_in_a_debian_sandbox() {
         "     1\t{\"slope\": 19.4, \"note\": \"\\u00fcn\\u00efc\\u00f6d\\u00e9\"}\n"
     );
 }
+
+#[tokio::test]
+async fn sandbox_create_moves_the_sandbox_to_other_hardware() {
+    let presets = std::env::temp_dir().join(format!("ml-intern-hw-{}.yaml", std::process::id()));
+    std::fs::write(
+        &presets,
+        "default: small\npresets:\n  small:\n    description: tiny\n    resources:\n      \
+         requests: {cpu: 50m, memory: 64Mi}\n  big:\n    description: bigger\n    resources:\n      \
+         requests: {cpu: 100m, memory: 128Mi}\n      limits: {cpu: 300m, memory: 256Mi}\n    \
+         nodeSelector: {kubernetes.io/os: linux}\n",
+    )
+    .unwrap();
+    let env = E2e::start_with(
+        "hardware",
+        support::E2eOptions {
+            controller_args: vec!["--sandbox-hardware".into(), presets.display().to_string()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "echo one > /workspace/a.txt"}),
+        )]),
+        Step::ToolCalls(vec![("sandbox_create", json!({"hardware": "big"}))]),
+        Step::ToolCalls(vec![(
+            "bash",
+            json!({"command": "cat /workspace/a.txt 2>/dev/null || echo gone"}),
+        )]),
+        Step::ToolCalls(vec![("sandbox_create", json!({"hardware": "big"}))]),
+        Step::AnswerWhenReleased(release.clone(), "moved".into()),
+    ])
+    .await;
+    env.create_session(
+        "mover",
+        json!({"prompt": "Move to bigger hardware.", "model": "openai/scripted",
+               "llm": {"baseUrl": llm.base_url}, "sandbox": {"imagePullPolicy": "Never"}}),
+    )
+    .await;
+    let requests = llm.wait_for_requests(5, 3 * MINUTE).await;
+    let tools: Vec<String> = requests[0].body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(tools.contains(&"sandbox_create".to_string()), "{tools:?}");
+    let results = tool_results(&requests[4].body);
+    assert_eq!(
+        results[1],
+        "Sandbox created: mover-sandbox\nHardware: big (bigger)\nThe previous pod was replaced; \
+         /workspace was not persistent and is empty again."
+    );
+    assert_eq!(results[2], "gone\n");
+    assert!(
+        results[3].starts_with("Sandbox already active: mover-sandbox"),
+        "{}",
+        results[3]
+    );
+    let pod = env.pods().get("mover-sandbox").await.unwrap();
+    let spec = pod.spec.unwrap();
+    let r = spec.containers[0].resources.as_ref().unwrap();
+    assert_eq!(r.requests.as_ref().unwrap()["cpu"].0, "100m");
+    assert_eq!(r.limits.as_ref().unwrap()["cpu"].0, "300m");
+    assert_eq!(spec.node_selector.unwrap()["kubernetes.io/os"], "linux");
+    release.notify_one();
+    env.wait_for_phase("mover", "Succeeded", MINUTE).await;
+
+    env.create_session(
+        "nowhere",
+        json!({"prompt": "x", "model": "openai/scripted", "llm": {"baseUrl": llm.base_url},
+               "sandbox": {"hardware": "a100x8"}}),
+    )
+    .await;
+    let failed = env.wait_for_phase("nowhere", "Failed", MINUTE).await;
+    let message = failed.status.unwrap().message.unwrap_or_default();
+    assert!(
+        message.contains("a100x8") && message.contains("big, small"),
+        "{message}"
+    );
+    let _ = std::fs::remove_file(&presets);
+}

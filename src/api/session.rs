@@ -227,6 +227,13 @@ pub struct SandboxSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<WorkspaceSpec>,
 
+    /// A hardware preset from the controller's config (e.g. `cpu-upgrade`, `gpu-small`):
+    /// its resources replace `resources`, its nodeSelector and tolerations are added. The
+    /// agent may switch presets with the `sandbox_create` tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub hardware: Option<String>,
+
     /// Start the sandbox when the session starts instead of at the first tool call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub eager: bool,

@@ -38,6 +38,8 @@ pub struct ControllerConfig {
     pub llm_rate_limit_delays: Vec<Duration>,
     /// Context windows, prices and the default model.
     pub models: Arc<ModelCatalog>,
+    /// Hardware presets for sandboxes (`spec.sandbox.hardware`, `sandbox_create`).
+    pub sandbox_hardware: Arc<crate::runtime::hardware::HardwarePresets>,
     /// How often a session waiting for a Secret looks again.
     pub pending_recheck: Duration,
 }
@@ -54,6 +56,7 @@ impl Default for ControllerConfig {
             llm_retry_delays: vec![Duration::from_secs(5), Duration::from_secs(15)],
             llm_rate_limit_delays: vec![Duration::from_secs(30), Duration::from_secs(60)],
             models: Arc::new(ModelCatalog::builtin()),
+            sandbox_hardware: Arc::new(crate::runtime::hardware::HardwarePresets::builtin()),
             pending_recheck: Duration::from_secs(10),
         }
     }

@@ -30,6 +30,7 @@ use crate::api::{
 use crate::llm::catalog::Price;
 use crate::llm::{ChatModel, ModelSettings, client_for};
 use crate::redact::Redactor;
+use crate::runtime::hardware::PodHardware;
 use crate::runtime::sandbox_template::{sandbox_network_policy, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
 use crate::store::{Record, TranscriptStore, digest, replay};
@@ -37,6 +38,7 @@ use crate::text::{truncate_bytes, truncate_chars};
 use crate::tools::bash::BASH_TOOL;
 use crate::tools::files::{EDIT_TOOL, READ_TOOL, WRITE_TOOL};
 use crate::tools::plan::PLAN_TOOL;
+use crate::tools::sandbox_create::{SANDBOX_CREATE_TOOL, SandboxCreateTool, chosen_hardware};
 use crate::tools::{BashTool, Files, PlanTool, ToolFailure, ToolRouter};
 
 /// Runs the session until it has nothing left to do, then marks it finished in the context.
@@ -277,7 +279,14 @@ impl SessionRun {
         let mut messages = vec![];
         if conversation.history.is_empty() {
             let today = Timestamp::now().strftime("%Y-%m-%d").to_string();
-            let tools = [BASH_TOOL, READ_TOOL, WRITE_TOOL, EDIT_TOOL, PLAN_TOOL];
+            let tools = [
+                BASH_TOOL,
+                READ_TOOL,
+                WRITE_TOOL,
+                EDIT_TOOL,
+                PLAN_TOOL,
+                SANDBOX_CREATE_TOOL,
+            ];
             messages.push(ChatMessage::system(system_prompt(
                 &tools.map(str::to_string),
                 &today,
@@ -362,11 +371,22 @@ impl SessionRun {
         })
     }
 
-    fn sandbox(&self, lifecycle: mpsc::Sender<SandboxEvent>) -> Option<Arc<SandboxPod>> {
+    /// The session's sandbox on `hardware` (a preset name), and the handle `sandbox_create`
+    /// switches presets with. None when the session is going away.
+    fn sandbox(
+        &self,
+        lifecycle: mpsc::Sender<SandboxEvent>,
+        hardware: Option<&str>,
+    ) -> Option<(Arc<SandboxPod>, Arc<PodHardware>)> {
         let spec = &self.session.spec;
         let owner = self.session.controller_owner_ref(&())?;
-        let settings =
+        let base =
             SandboxSettings::from_spec(&spec.sandbox, &self.ctx.config.default_sandbox_image);
+        let presets = self.ctx.config.sandbox_hardware.clone();
+        let settings = match hardware.and_then(|h| presets.get(h)) {
+            Some(preset) => base.clone().with_preset(preset),
+            None => base.clone(),
+        };
         let namespace = self.session.namespace().unwrap_or_default();
         let policy = sandbox_network_policy(
             &self.name(),
@@ -374,15 +394,41 @@ impl SessionRun {
             owner.clone(),
             &self.ctx.config.sandbox_egress,
         );
-        Some(Arc::new(
+        let (name, ns) = (self.name(), namespace.clone());
+        let template = move |s: &SandboxSettings| sandbox_pod(&name, &ns, owner.clone(), s);
+        let pod = Arc::new(
             SandboxPod::new(
                 self.pods.clone(),
-                sandbox_pod(&self.name(), &namespace, owner, &settings),
+                template(&settings),
                 self.ctx.config.sandbox_startup_timeout,
                 lifecycle,
             )
             .with_network_policy(Api::namespaced(self.ctx.client.clone(), &namespace), policy),
-        ))
+        );
+        let switch = Arc::new(PodHardware {
+            pod: pod.clone(),
+            presets,
+            base,
+            template: Box::new(template),
+            current: std::sync::Mutex::new(hardware.map(str::to_string)),
+        });
+        Some((pod, switch))
+    }
+
+    /// The preset the sandbox runs on: the agent's last switch, else the spec's, else the
+    /// controller's default. Err names a preset that is not configured.
+    fn hardware(&self, history: &[ChatMessage]) -> Result<Option<String>, String> {
+        let presets = &self.ctx.config.sandbox_hardware;
+        let chosen = chosen_hardware(history)
+            .or_else(|| self.session.spec.sandbox.hardware.clone())
+            .or_else(|| presets.default.clone());
+        match chosen {
+            Some(name) if presets.get(&name).is_none() => Err(format!(
+                "spec.sandbox.hardware {name:?} is not a preset of this controller; choose one of: {}",
+                presets.names().join(", ")
+            )),
+            other => Ok(other),
+        }
     }
 
     /// Runs (or resumes) the open turn and records how it ended.
@@ -447,7 +493,18 @@ impl SessionRun {
 
         let model = self.model(&model_id);
         let (sandbox_tx, mut sandbox_rx) = mpsc::channel(8);
-        let Some(sandbox) = self.sandbox(sandbox_tx) else {
+        let hardware = match self.hardware(&conversation.history) {
+            Ok(h) => h,
+            Err(message) => {
+                let refused = TurnOutcome::Failed(TurnFailure::Tool(ToolFailure {
+                    reason: "UnknownHardware".into(),
+                    message,
+                }));
+                self.end_turn(conversation, refused).await;
+                return TurnEnd::Done;
+            }
+        };
+        let Some((sandbox, hardware_switch)) = self.sandbox(sandbox_tx, hardware.as_deref()) else {
             return TurnEnd::Deleted;
         };
         if self.session.spec.sandbox.eager {
@@ -459,6 +516,9 @@ impl SessionRun {
             BashTool::new(sandbox.clone()).spilling_to(sandbox.clone()),
         ));
         tools.register(Arc::new(PlanTool));
+        if !self.ctx.config.sandbox_hardware.presets.is_empty() {
+            tools.register(Arc::new(SandboxCreateTool(hardware_switch)));
+        }
         let mut history = std::mem::take(&mut conversation.history);
         let files = Files::new(sandbox.clone());
         // What the model read in earlier turns (or before a restart) counts as read.

@@ -83,7 +83,8 @@ enum PodLife {
 
 pub struct SandboxPod {
     pods: Api<Pod>,
-    template: Pod,
+    /// What the next pod is made from; `replace` swaps it.
+    template: std::sync::Mutex<Pod>,
     name: String,
     startup_timeout: Duration,
     life: Mutex<PodLife>,
@@ -204,7 +205,7 @@ impl SandboxPod {
                 .is_some_and(|v| v.iter().any(|v| v.persistent_volume_claim.is_some())),
             commands: std::sync::atomic::AtomicU64::new(0),
             network_policy: None,
-            template,
+            template: std::sync::Mutex::new(template),
         }
     }
 
@@ -215,6 +216,42 @@ impl SandboxPod {
 
     /// Creates the pod unless it exists, then waits until it runs. Parallel callers wait
     /// for the same pod.
+    /// Replaces the pod with one made from `template` (other hardware): the running pod is
+    /// deleted and waited out, then the new one started.
+    pub async fn replace(&self, template: Pod) -> Result<(), ToolFailure> {
+        {
+            let mut life = self.life.lock().await;
+            let fail = |e: kube::Error| ToolFailure {
+                reason: "SandboxFailed".into(),
+                message: format!(
+                    "cannot replace sandbox pod {}: {}",
+                    self.name,
+                    kube_error_text(&e)
+                ),
+            };
+            Self::delete(&self.pods, &self.name).await.map_err(fail)?;
+            let gone = |p: Option<&Pod>| p.is_none();
+            let _ = tokio::time::timeout(
+                self.startup_timeout,
+                await_condition(self.pods.clone(), &self.name, gone),
+            )
+            .await;
+            if let Ok(mut t) = self.template.lock() {
+                *t = template;
+            }
+            *life = PodLife::Absent;
+        }
+        self.ensure_ready().await.map(|_| ())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn has_persistent_workspace(&self) -> bool {
+        self.persistent_workspace
+    }
+
     /// Starts the pod ahead of the first tool call (`spec.sandbox.eager`); a failure shows
     /// again at that call.
     pub async fn start(&self) {
@@ -262,11 +299,12 @@ impl SandboxPod {
                 }
             }
         }
-        match self
-            .pods
-            .create(&PostParams::default(), &self.template)
-            .await
-        {
+        let template = self
+            .template
+            .lock()
+            .map(|t| t.clone())
+            .map_err(|_| fail("the sandbox template is unusable".into()))?;
+        match self.pods.create(&PostParams::default(), &template).await {
             Ok(_) => {}
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => {

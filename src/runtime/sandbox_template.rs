@@ -46,6 +46,14 @@ pub struct SandboxSettings {
 }
 
 impl SandboxSettings {
+    /// The preset's resources instead of the session's, and its placement added.
+    pub fn with_preset(mut self, preset: &super::hardware::Preset) -> Self {
+        self.resources = merged_resources(Some(&preset.resources));
+        self.node_selector.extend(preset.node_selector.clone());
+        self.tolerations.extend(preset.tolerations.iter().cloned());
+        self
+    }
+
     /// The session's sandbox spec with the controller's defaults filled in.
     pub fn from_spec(spec: &SandboxSpec, default_image: &str) -> Self {
         let workspace = spec.workspace.clone().unwrap_or_default();

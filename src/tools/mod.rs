@@ -5,6 +5,7 @@ pub mod bash;
 pub mod edit_match;
 pub mod files;
 pub mod plan;
+pub mod sandbox_create;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
