@@ -117,6 +117,7 @@ async fn run(iterations: usize) -> (Duration, f64, usize) {
         journal: &journal,
         events: &tx,
         config: &config,
+        gate: &ml_intern::agent::approval::NoGate,
     };
     let mut history = vec![ChatMessage::system("bench"), ChatMessage::user("loop")];
     let cpu = cpu_seconds();

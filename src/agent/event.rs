@@ -39,6 +39,10 @@ pub enum AgentEvent {
         output: String,
         success: bool,
     },
+    /// Calls of the latest response wait for a human decision; the turn is parked.
+    ApprovalRequired {
+        tools: Vec<crate::agent::approval::PendingCall>,
+    },
     /// `plan_tool` replaced the plan.
     PlanUpdate { plan: Vec<PlanItem> },
     /// A progress line: a guard's corrective message (tool `system`) or a tool's progress.

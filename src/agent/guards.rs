@@ -36,28 +36,8 @@ fn hash_text(s: &str) -> u64 {
 
 /// Arguments compared by meaning: key order and whitespace do not count, array order does.
 fn canonical_arguments(raw: &str) -> String {
-    fn canonical(v: &Value) -> String {
-        match v {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                let body: Vec<String> = keys
-                    .iter()
-                    .map(|k| format!("{}:{}", Value::String((*k).clone()), canonical(&map[*k])))
-                    .collect();
-                format!("{{{}}}", body.join(","))
-            }
-            Value::Array(items) => {
-                format!(
-                    "[{}]",
-                    items.iter().map(canonical).collect::<Vec<_>>().join(",")
-                )
-            }
-            other => other.to_string(),
-        }
-    }
     match serde_json::from_str::<Value>(raw) {
-        Ok(v) => canonical(&v),
+        Ok(v) => super::approval::canonical_json(&v),
         Err(_) => raw.to_string(),
     }
 }
@@ -241,6 +221,15 @@ run; check its effects before running it again.";
 
 /// Gives every tool call without a result the result `text`; returns how many it answered.
 pub fn answer_dangling_calls(history: &mut Vec<ChatMessage>, text: &str) -> usize {
+    answer_dangling_calls_except(history, text, &[])
+}
+
+/// As `answer_dangling_calls`, leaving the calls in `waiting` (they wait for approval).
+pub fn answer_dangling_calls_except(
+    history: &mut Vec<ChatMessage>,
+    text: &str,
+    waiting: &[String],
+) -> usize {
     let mut added = 0;
     let mut i = 0;
     while i < history.len() {
@@ -264,7 +253,7 @@ pub fn answer_dangling_calls(history: &mut Vec<ChatMessage>, text: &str) -> usiz
             })
             .collect();
         for (id, name) in calls {
-            if !answered.contains(&id) {
+            if !answered.contains(&id) && !waiting.contains(&id) {
                 history.insert(
                     end,
                     ChatMessage::Tool {

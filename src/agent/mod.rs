@@ -2,6 +2,7 @@
 //! a model and its tools. Nothing here knows about Kubernetes, so the same loop can run in
 //! the controller, in tests without a cluster, or in a local process.
 
+pub mod approval;
 pub mod budget;
 pub mod context;
 pub mod event;

@@ -8,6 +8,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::approval::{self, ApprovalGate, PendingCall};
 pub use super::budget::Budget;
 use super::budget::Spend;
 use super::context::{self, ContextMeter};
@@ -60,6 +61,8 @@ pub enum TurnOutcome {
     BudgetExceeded { message: String },
     /// The conversation does not fit the model's context window, even compacted.
     ContextOverflow { message: String },
+    /// Calls wait for a human; the turn goes on from here once they are decided.
+    WaitingForApproval { pending: Vec<PendingCall> },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +91,8 @@ pub struct Turn<'a> {
     pub journal: &'a dyn Journal,
     pub events: &'a mpsc::Sender<AgentEvent>,
     pub config: &'a TurnConfig,
+    /// Which calls wait for a human, and the decisions made on earlier waits.
+    pub gate: &'a dyn ApprovalGate,
 }
 
 impl Turn<'_> {
@@ -111,6 +116,10 @@ impl Turn<'_> {
     ) -> Result<TurnOutcome, TurnOutcome> {
         let failed = |e: JournalError| TurnOutcome::Failed(TurnFailure::Journal(e));
         emit(self.events, AgentEvent::Processing).await;
+        match self.settle_decided(history, cancel).await {
+            Ok(None) => {}
+            Ok(Some(outcome)) | Err(outcome) => return Ok(outcome),
+        }
         let specs = self.tools.specs();
         let mut saved = history.len();
         let mut iterations = 0;
@@ -243,7 +252,24 @@ impl Turn<'_> {
                 )
                 .await;
             }
-            let runs = calls.iter().map(|c| self.run_call(c));
+            // Calls a human must approve wait; the others run now, as in ml-intern.
+            let pending: Vec<PendingCall> = calls
+                .iter()
+                .filter_map(|c| {
+                    let args = c.arguments.as_ref()?;
+                    let summary = self.gate.needs_approval(&c.stored.name, args)?;
+                    Some(PendingCall {
+                        tool_call_id: c.stored.id.clone(),
+                        tool: c.stored.name.clone(),
+                        arguments: args.clone(),
+                        summary,
+                    })
+                })
+                .collect();
+            let runs = calls
+                .iter()
+                .filter(|c| !pending.iter().any(|p| p.tool_call_id == c.stored.id))
+                .map(|c| self.run_call(c));
             let results = tokio::select! {
                 _ = cancel.cancelled() => return Ok(TurnOutcome::Cancelled),
                 r = join_all(runs) => r,
@@ -256,6 +282,16 @@ impl Turn<'_> {
                 }
             }
             saved = history.len();
+            if !pending.is_empty() {
+                emit(
+                    self.events,
+                    AgentEvent::ApprovalRequired {
+                        tools: pending.clone(),
+                    },
+                )
+                .await;
+                return Ok(TurnOutcome::WaitingForApproval { pending });
+            }
         }
         self.save(history, &mut saved).await.map_err(failed)?;
         Ok(TurnOutcome::MaxIterationsReached { iterations })
@@ -316,9 +352,105 @@ impl Turn<'_> {
         Ok(())
     }
 
-    /// Runs one call and records its result as soon as it exists.
+    /// Resuming after a wait: the calls of the latest response without a result are run
+    /// (approved, with the approver's arguments if edited) or answered (rejected). Still
+    /// undecided ones keep the turn waiting.
+    async fn settle_decided(
+        &self,
+        history: &mut Vec<ChatMessage>,
+        cancel: &CancellationToken,
+    ) -> Result<Option<TurnOutcome>, TurnOutcome> {
+        let waiting = approval::waiting_calls(history);
+        if waiting.is_empty() {
+            return Ok(None);
+        }
+        let mut undecided = vec![];
+        let mut decided = vec![];
+        for (id, tool, raw) in waiting {
+            let arguments = serde_json::from_str::<Value>(&raw).unwrap_or(Value::Null);
+            match self.gate.decision(&id) {
+                Some(d) => decided.push((id, tool, arguments, d)),
+                None => undecided.push(PendingCall {
+                    summary: self
+                        .gate
+                        .needs_approval(&tool, &arguments)
+                        .unwrap_or_else(|| format!("{tool} call")),
+                    tool_call_id: id,
+                    tool,
+                    arguments,
+                }),
+            }
+        }
+        if !undecided.is_empty() {
+            return Ok(Some(TurnOutcome::WaitingForApproval { pending: undecided }));
+        }
+        let runs = decided.iter().map(|(id, tool, arguments, d)| async move {
+            if !d.approved {
+                let message = ChatMessage::Tool {
+                    tool_call_id: id.clone(),
+                    name: tool.clone(),
+                    content: approval::rejection_result(d),
+                };
+                self.journal.append(std::slice::from_ref(&message)).await?;
+                emit(
+                    self.events,
+                    AgentEvent::ToolOutput {
+                        tool_call_id: id.clone(),
+                        tool: tool.clone(),
+                        output: approval::rejection_result(d),
+                        success: false,
+                    },
+                )
+                .await;
+                return Ok(message);
+            }
+            let call = ParsedCall {
+                stored: ToolCall {
+                    id: id.clone(),
+                    name: tool.clone(),
+                    arguments: arguments.to_string(),
+                },
+                arguments: Some(d.edited_arguments.clone().unwrap_or(arguments.clone())),
+            };
+            emit(
+                self.events,
+                AgentEvent::ToolCall {
+                    tool_call_id: id.clone(),
+                    tool: tool.clone(),
+                    arguments: call.arguments.clone().unwrap_or_default(),
+                },
+            )
+            .await;
+            let note = d
+                .edited_arguments
+                .is_some()
+                .then_some(approval::EDITED_NOTE);
+            self.run_call_noted(&call, note).await
+        });
+        let results = tokio::select! {
+            _ = cancel.cancelled() => return Err(TurnOutcome::Cancelled),
+            r = join_all(runs) => r,
+        };
+        for result in results {
+            match result {
+                Ok(message) => history.push(message),
+                Err(failure) => return Err(TurnOutcome::Failed(failure)),
+            }
+        }
+        Ok(None)
+    }
+
     async fn run_call(&self, call: &ParsedCall) -> Result<ChatMessage, TurnFailure> {
-        let output = match &call.arguments {
+        self.run_call_noted(call, None).await
+    }
+
+    /// Runs one call and records its result (after `note`, if any) as soon as it exists.
+    async fn run_call_noted(
+        &self,
+        call: &ParsedCall,
+        note: Option<&str>,
+    ) -> Result<ChatMessage, TurnFailure> {
+        let mut output = match &call.arguments {
             Some(args) => self
                 .tools
                 .call(&call.stored.name, args.clone())
@@ -326,6 +458,9 @@ impl Turn<'_> {
                 .map_err(TurnFailure::Tool)?,
             None => ToolOutput::error(guards::malformed_result(&call.stored.name)),
         };
+        if let Some(note) = note {
+            output.content = format!("{note}\n{}", output.content);
+        }
         let message = ChatMessage::Tool {
             tool_call_id: call.stored.id.clone(),
             name: call.stored.name.clone(),
@@ -484,6 +619,7 @@ fn parse_calls(calls: Vec<ToolCall>) -> Vec<ParsedCall> {
 mod tests {
     use super::*;
     use crate::agent::NoJournal;
+    use crate::agent::approval::NoGate;
     use crate::llm::{ToolSpec, Usage};
     use crate::tools::Tool;
     use async_trait::async_trait;
@@ -492,13 +628,13 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     /// Replays canned responses and keeps every request it saw.
-    struct Script {
+    pub(super) struct Script {
         replies: Mutex<VecDeque<Result<ChatResponse, LlmError>>>,
-        seen: Mutex<Vec<Vec<ChatMessage>>>,
+        pub(super) seen: Mutex<Vec<Vec<ChatMessage>>>,
     }
 
     impl Script {
-        fn new(replies: Vec<Result<ChatResponse, LlmError>>) -> Self {
+        pub(super) fn new(replies: Vec<Result<ChatResponse, LlmError>>) -> Self {
             Script {
                 replies: Mutex::new(replies.into()),
                 seen: Mutex::new(vec![]),
@@ -541,8 +677,8 @@ mod tests {
         }
     }
 
-    struct Echo {
-        delay_ms: u64,
+    pub(super) struct Echo {
+        pub(super) delay_ms: u64,
     }
 
     #[async_trait]
@@ -626,6 +762,7 @@ mod tests {
             journal: &NoJournal,
             events: &tx,
             config: &config,
+            gate: &NoGate,
         };
         let outcome = turn.run(&mut history, &CancellationToken::new()).await;
         drop(tx);
@@ -889,6 +1026,7 @@ mod tests {
             journal: &NoJournal,
             events: &tx,
             config: &TurnConfig::default(),
+            gate: &NoGate,
         };
         let outcome = tokio::time::timeout(Duration::from_secs(5), turn.run(&mut history, &cancel))
             .await
@@ -969,6 +1107,7 @@ mod tests {
             journal: &journal,
             events: &tx,
             config: &TurnConfig::default(),
+            gate: &NoGate,
         };
         let outcome = turn.run(&mut history, &CancellationToken::new()).await;
         assert!(matches!(outcome, TurnOutcome::Completed { .. }));
@@ -1198,6 +1337,167 @@ mod tests {
                 TurnOutcome::Failed(TurnFailure::Llm(LlmError::Http { status: 429, .. }))
             ),
             "no rate-limit retries were configured: {outcome:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod approval_tests {
+    use super::tests::{Echo, Script};
+    use super::*;
+    use crate::agent::NoJournal;
+    use crate::agent::approval::Decision;
+    use serde_json::json;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    /// Gates echo calls whose text starts with "costly".
+    struct Gate(HashMap<String, Decision>);
+
+    impl ApprovalGate for Gate {
+        fn needs_approval(&self, tool: &str, arguments: &Value) -> Option<String> {
+            arguments["text"]
+                .as_str()
+                .filter(|t| t.starts_with("costly"))
+                .map(|t| format!("{tool} {t}"))
+        }
+        fn decision(&self, id: &str) -> Option<Decision> {
+            self.0.get(id).cloned()
+        }
+    }
+
+    fn call(id: &str, text: &str) -> ToolCall {
+        ToolCall {
+            id: id.into(),
+            name: "echo".into(),
+            arguments: json!({"text": text}).to_string(),
+        }
+    }
+
+    async fn run(
+        model: &Script,
+        gate: &Gate,
+        history: &mut Vec<ChatMessage>,
+    ) -> (TurnOutcome, Vec<AgentEvent>) {
+        let mut tools = ToolRouter::new();
+        tools.register(Arc::new(Echo { delay_ms: 0 }));
+        let (tx, mut rx) = mpsc::channel(100);
+        let config = TurnConfig::default();
+        let turn = Turn {
+            model,
+            tools: &tools,
+            journal: &NoJournal,
+            events: &tx,
+            config: &config,
+            gate,
+        };
+        let outcome = turn.run(history, &CancellationToken::new()).await;
+        drop(tx);
+        let mut events = vec![];
+        while let Some(e) = rx.recv().await {
+            events.push(e);
+        }
+        (outcome, events)
+    }
+
+    #[tokio::test]
+    async fn a_gated_call_waits_while_the_others_run_and_a_decision_resumes_the_turn() {
+        let model = Script::new(vec![
+            Ok(ChatResponse {
+                tool_calls: vec![call("a", "costly training"), call("b", "cheap")],
+                ..Default::default()
+            }),
+            Ok(ChatResponse {
+                content: Some("trained".into()),
+                ..Default::default()
+            }),
+        ]);
+        let mut history = vec![ChatMessage::system("s"), ChatMessage::user("train")];
+        let (outcome, events) = run(&model, &Gate(HashMap::new()), &mut history).await;
+        let TurnOutcome::WaitingForApproval { pending } = outcome else {
+            panic!("expected a wait, got {outcome:?}");
+        };
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].tool_call_id, "a");
+        assert_eq!(pending[0].summary, "echo costly training");
+        assert!(
+            matches!(history.last(), Some(ChatMessage::Tool { tool_call_id, .. }) if tool_call_id == "b")
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, AgentEvent::ApprovalRequired { .. }))
+        );
+
+        // Still undecided: nothing runs, no model call.
+        let (again, _) = run(&model, &Gate(HashMap::new()), &mut history).await;
+        assert!(matches!(again, TurnOutcome::WaitingForApproval { .. }));
+        assert_eq!(model.seen.lock().unwrap().len(), 1);
+
+        let approved = Gate(HashMap::from([(
+            "a".to_string(),
+            Decision {
+                approved: true,
+                by: Some("alice".into()),
+                feedback: None,
+                edited_arguments: Some(json!({"text": "costly training, 1 epoch"})),
+            },
+        )]));
+        let (done, _) = run(&model, &approved, &mut history).await;
+        assert_eq!(
+            done,
+            TurnOutcome::Completed {
+                final_response: "trained".into()
+            }
+        );
+        let sent = &model.seen.lock().unwrap()[1];
+        let result = sent
+            .iter()
+            .find_map(|m| match m {
+                ChatMessage::Tool {
+                    tool_call_id,
+                    content,
+                    ..
+                } if tool_call_id == "a" => Some(content.clone()),
+                _ => None,
+            })
+            .expect("the approved call's result");
+        assert_eq!(
+            result,
+            format!("{}\ncostly training, 1 epoch", approval::EDITED_NOTE)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejection_reaches_the_model_with_its_feedback() {
+        let model = Script::new(vec![
+            Ok(ChatResponse {
+                tool_calls: vec![call("a", "costly")],
+                ..Default::default()
+            }),
+            Ok(ChatResponse {
+                content: Some("ok, smaller".into()),
+                ..Default::default()
+            }),
+        ]);
+        let mut history = vec![ChatMessage::user("go")];
+        run(&model, &Gate(HashMap::new()), &mut history).await;
+        let rejected = Gate(HashMap::from([(
+            "a".to_string(),
+            Decision {
+                approved: false,
+                by: None,
+                feedback: Some("too expensive".into()),
+                edited_arguments: None,
+            },
+        )]));
+        let (done, _) = run(&model, &rejected, &mut history).await;
+        assert!(matches!(done, TurnOutcome::Completed { .. }));
+        assert!(
+            history
+                .iter()
+                .any(|m| matches!(m, ChatMessage::Tool { content, .. }
+            if content == "Tool call rejected; it did not run. User feedback: too expensive"))
         );
     }
 }

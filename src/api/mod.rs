@@ -1,7 +1,11 @@
 //! Custom resource types of the `ml-intern.io/v1alpha1` API.
 
+pub mod approval;
 pub mod session;
 
+pub use approval::{
+    AgentApproval, AgentApprovalSpec, AgentApprovalStatus, ApprovalDecision, ApprovalPhase,
+};
 pub use session::{
     AgentSession, AgentSessionSpec, AgentSessionStatus, BudgetSpec, ContextStatus, LlmApi, LlmSpec,
     PlanEntry, SandboxSpec, SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage,

@@ -76,10 +76,105 @@ pub struct AgentSessionSpec {
     #[serde(default)]
     pub sandbox: SandboxSpec,
 
+    /// Which tool calls wait for a human decision (an AgentApproval) before they run.
+    #[serde(default)]
+    pub approval_policy: ApprovalPolicy,
+
     /// Spending limits over the whole session; the session fails with `BudgetExceeded`
     /// before the model call that would go past them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetSpec>,
+}
+
+/// When tool calls wait for a human.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalPolicy {
+    /// `Manual` (default): gated calls wait for an AgentApproval. `Auto`: gated calls run
+    /// without asking.
+    #[serde(default)]
+    pub mode: ApprovalMode,
+    /// Tools whose every call is gated, on top of the built-in rules (a `sandbox_create` to
+    /// a GPU preset, and later training and Hub-changing jobs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gated_tools: Vec<String>,
+    /// Seconds a request may wait for a decision (default 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 2592000))]
+    pub timeout_seconds: Option<u32>,
+    /// What happens to a request nobody decided in time: `Reject` (default; the model is
+    /// told) or `Suspend` (the session is suspended and a later decision still resumes it).
+    #[serde(default)]
+    pub on_timeout: ApprovalTimeoutAction,
+    /// The session's creator may not approve its calls (enforced by the admission webhook).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forbid_self_approval: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ApprovalMode {
+    #[default]
+    Manual,
+    Auto,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ApprovalTimeoutAction {
+    #[default]
+    Reject,
+    Suspend,
+}
+
+/// How long a request waits for a decision when the policy does not say.
+pub const DEFAULT_APPROVAL_TIMEOUT_SECS: u32 = 86_400;
+/// Most decided requests kept in `status.approvalHistory`.
+pub const APPROVAL_HISTORY_MAX: usize = 50;
+
+/// A tool call waiting for a human, as the session's status shows it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingApproval {
+    /// The id an AgentApproval names in `spec.requestId`.
+    pub id: String,
+    /// The model's id for the call.
+    pub tool_call_id: String,
+    /// The tool the model called.
+    pub tool: String,
+    /// What the call would do, in a line.
+    pub summary: String,
+    /// The call's arguments as JSON, secrets removed and cut at 4 KiB.
+    pub arguments: String,
+    /// Hex sha256 of the canonical JSON of the full arguments (keys sorted, no spaces),
+    /// which an AgentApproval quotes in `spec.argumentsDigest`.
+    pub arguments_digest: String,
+    /// Estimated cost in USD, when the call has a price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost_usd: Option<String>,
+    pub requested_at: Time,
+    /// After this the policy's `onTimeout` applies.
+    pub expires_at: Time,
+}
+
+/// A decided request, kept in `status.approvalHistory`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalRecord {
+    /// The request's id.
+    pub id: String,
+    /// The tool the model called.
+    pub tool: String,
+    /// `Approved`, `Rejected` or `TimedOut`.
+    pub outcome: String,
+    /// The AgentApproval that decided it (none for a timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    /// Who decided, when the admission webhook recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// The approver edited the arguments.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub edited: bool,
+    pub decided_at: Time,
 }
 
 /// Limits on what a session may spend on model calls.
@@ -273,8 +368,11 @@ pub enum SessionPhase {
     Pending,
     /// The agent loop is running.
     Running,
-    /// Work is stopped by `spec.suspend`.
+    /// Work is stopped by `spec.suspend`, or a request for approval timed out under
+    /// `onTimeout: Suspend`.
     Suspended,
+    /// Tool calls wait for a human decision (`status.pendingApprovals`).
+    WaitingForApproval,
     /// The model answered the latest message; a new entry in `spec.messages` starts
     /// another turn.
     Succeeded,
@@ -333,6 +431,15 @@ pub struct AgentSessionStatus {
     /// The sandbox pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxStatus>,
+
+    /// Tool calls waiting for a decision: create an AgentApproval naming `id` and
+    /// `argumentsDigest` to decide one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_approvals: Vec<PendingApproval>,
+
+    /// The latest decided requests, newest last (at most 50).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approval_history: Vec<ApprovalRecord>,
 
     /// Context window use and compactions.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,6 +1,7 @@
 //! The AgentSession controller: reconciles sessions, runs one agent loop per session in a
 //! bounded pool, and records progress in status and Kubernetes Events.
 
+pub mod approvals;
 pub mod context;
 pub mod credentials;
 pub mod reconcile;
@@ -14,13 +15,15 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
 pub use context::{Context, ControllerConfig};
 
-use crate::api::AgentSession;
+use crate::api::{AgentApproval, AgentSession};
 use crate::runtime::MANAGED_BY_LABEL;
 
 /// Name under which the controller writes status (server-side apply) and Events.
@@ -72,8 +75,17 @@ pub async fn run(
         .debounce(Duration::from_millis(200));
     ctx.ready.store(true, std::sync::atomic::Ordering::SeqCst);
     tracing::info!(namespace = ?ctx.config.namespace, "controller started");
+    // A decision re-runs its session's reconcile (the session object does not change).
+    let approvals: Api<AgentApproval> = match &ctx.config.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     Controller::new(sessions, watcher::Config::default())
         .owns(pods, pod_watch)
+        .watches(approvals, watcher::Config::default(), |a: AgentApproval| {
+            let namespace = a.namespace()?;
+            Some(ObjectRef::<AgentSession>::new(&a.spec.session_name).within(&namespace))
+        })
         .with_config(controller_config)
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())

@@ -13,12 +13,13 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::approvals::standing;
 use super::context::{Context, SessionEntry};
 use super::credentials::{CredentialError, resolve_model_access};
 use super::session_runner::run_session;
 use super::status::{StatusWriter, condition};
 use super::{Error, FINALIZER};
-use crate::api::{AgentSession, SessionPhase};
+use crate::api::{AgentApproval, AgentSession, SessionPhase};
 use crate::runtime::{SandboxPod, sandbox_pod_name};
 
 pub async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -52,6 +53,20 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     let phase = status.and_then(|s| s.phase);
     // The spec changed since the status was written: new messages, suspend, a rewrite.
     let spec_changed = status.and_then(|s| s.observed_generation) != generation;
+    // A session waiting for approvals needs its runner again when AgentApprovals (or a
+    // deadline) settle its requests; the session object itself does not change then.
+    let waiting = match phase {
+        Some(SessionPhase::WaitingForApproval) => true,
+        Some(SessionPhase::Suspended) => {
+            !session.spec.suspend && status.is_some_and(|s| !s.pending_approvals.is_empty())
+        }
+        _ => false,
+    };
+    let (approvals_due, approval_wake) = if waiting {
+        approvals_due(&session, &ctx, &namespace).await?
+    } else {
+        (false, None)
+    };
     let runner_done = {
         let Ok(mut sessions) = ctx.sessions.lock() else {
             return Ok(Action::await_change());
@@ -65,7 +80,11 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
                     None => Action::await_change(),
                 });
             }
-            Some(SessionEntry::Finished { generation: done }) if *done >= generation => true,
+            Some(SessionEntry::Finished { generation: done })
+                if *done >= generation && !approvals_due =>
+            {
+                true
+            }
             Some(SessionEntry::Finished { .. }) => {
                 sessions.remove(&uid);
                 false
@@ -74,11 +93,16 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
         }
     };
     if runner_done {
-        return expire_sandbox(&session, &ctx).await;
+        return Ok(sooner(
+            &session,
+            expire_sandbox(&session, &ctx).await?,
+            approval_wake,
+        ));
     }
     let settled = match phase {
         Some(p) if p.is_terminal() => true,
-        Some(SessionPhase::Suspended) => session.spec.suspend,
+        Some(SessionPhase::Suspended) => session.spec.suspend || (waiting && !approvals_due),
+        Some(SessionPhase::WaitingForApproval) => !approvals_due,
         _ => false,
     };
     if settled && !spec_changed {
@@ -93,7 +117,11 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
             SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
         }
-        return expire_sandbox(&session, &ctx).await;
+        return Ok(sooner(
+            &session,
+            expire_sandbox(&session, &ctx).await?,
+            approval_wake,
+        ));
     }
 
     let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -120,6 +148,49 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
         sessions.insert(uid, SessionEntry::Active { cancel, task, spec });
     }
     Ok(Action::await_change())
+}
+
+/// Whether the session's AgentApprovals (or a passed deadline) give its runner something to
+/// do, and when the next request expires.
+async fn approvals_due(
+    session: &AgentSession,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<(bool, Option<Duration>), Error> {
+    let Some(status) = session.status.as_ref() else {
+        return Ok((false, None));
+    };
+    let api: Api<AgentApproval> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = session.name_any();
+    let approvals: Vec<AgentApproval> = api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|a| a.spec.session_name == name)
+        .collect();
+    let policy = &session.spec.approval_policy;
+    let now = k8s_openapi::jiff::Timestamp::now();
+    let standing = standing(&status.pending_approvals, &approvals, policy, now);
+    let newly_timed_out =
+        standing.suspend_for_timeout(policy) && status.phase != Some(SessionPhase::Suspended);
+    let due = standing.ready() || !standing.refused.is_empty() || newly_timed_out;
+    let wake = standing.next_expiry.map(|t| {
+        let left = t.duration_since(now);
+        Duration::from_millis(left.as_millis().max(0) as u64 + 500)
+    });
+    Ok((due, wake))
+}
+
+/// `action` (from `expire_sandbox`), or a requeue at `wake` when that comes first.
+fn sooner(session: &AgentSession, action: Action, wake: Option<Duration>) -> Action {
+    let Some(wake) = wake else {
+        return action;
+    };
+    match sandbox_deadline(session).filter(|d| !d.is_zero()) {
+        Some(sandbox) if action != Action::await_change() => Action::requeue(sandbox.min(wake)),
+        _ => Action::requeue(wake),
+    }
 }
 
 /// Time left until the idle pod's `deleteAfter` (zero when it has passed).
@@ -210,6 +281,17 @@ async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action
         .ok_or(Error::MissingField("namespace"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
+    // Decisions the controller never got to own are not left behind either.
+    let approvals: Api<AgentApproval> = Api::namespaced(ctx.client.clone(), &namespace);
+    let name = session.name_any();
+    for a in approvals.list(&Default::default()).await?.items {
+        if a.spec.session_name == name
+            && let Err(e) = approvals.delete(&a.name_any(), &Default::default()).await
+            && !matches!(&e, kube::Error::Api(s) if s.code == 404)
+        {
+            return Err(Error::Kube(e));
+        }
+    }
     tracing::info!(session = %session.name_any(), "session deleted; loop stopped and sandbox removed");
     Ok(Action::await_change())
 }

@@ -15,14 +15,20 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::approvals::{PolicyGate, mark_approval, pending_entries, standing};
 use super::context::{Context, SessionEntry};
 use super::credentials::ModelAccess;
 use super::status::{StatusWriter, condition};
+use crate::agent::approval::{Decision, PendingCall};
 use crate::agent::budget::{Budget, Spend};
 use crate::agent::guards;
 use crate::agent::prompt::system_prompt;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
-use crate::api::session::{DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS};
+use crate::api::session::{
+    APPROVAL_HISTORY_MAX, ApprovalRecord, DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES,
+    PLAN_MAX_ITEMS,
+};
+use crate::api::{AgentApproval, ApprovalPhase};
 use crate::api::{
     AgentSession, AgentSessionSpec, ContextStatus, PlanEntry, SandboxStatus, SessionPhase,
     TokenUsage, TranscriptStatus,
@@ -128,6 +134,8 @@ enum TurnEnd {
     Suspended,
     /// The session is being deleted.
     Deleted,
+    /// Calls wait for approval; the turn stays open and the runner may retire.
+    Parked,
 }
 
 impl SessionRun {
@@ -220,13 +228,34 @@ impl SessionRun {
                     return;
                 }
             }
+            let mut decisions = HashMap::new();
+            if conversation.turn_open && !self.status.status.pending_approvals.is_empty() {
+                match self.check_approvals().await {
+                    Some(decided) => decisions = decided,
+                    None => {
+                        if self.retire_unless_changed() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
             if !self.wait_for_slot(cancel).await {
                 return;
             }
-            resumed = match self.run_turn(&mut conversation, resumed, cancel).await {
+            resumed = match self
+                .run_turn(&mut conversation, resumed, cancel, decisions)
+                .await
+            {
                 TurnEnd::Deleted => return,
                 TurnEnd::Suspended => true,
                 TurnEnd::Done => false,
+                TurnEnd::Parked => {
+                    if self.retire_unless_changed() {
+                        return;
+                    }
+                    true
+                }
             };
         }
     }
@@ -437,10 +466,12 @@ impl SessionRun {
         conversation: &mut Conversation,
         resumed: bool,
         cancel: &CancellationToken,
+        decisions: HashMap<String, Decision>,
     ) -> TurnEnd {
         let name = self.name();
         if resumed {
-            self.resume_interrupted(conversation).await;
+            let waiting: Vec<String> = decisions.keys().cloned().collect();
+            self.resume_interrupted(conversation, &waiting).await;
         }
         if self.status.status.started_at.is_none() {
             self.status.status.started_at = Some(Time(Timestamp::now()));
@@ -528,6 +559,11 @@ impl SessionRun {
         }
         let (events_tx, mut events_rx) = mpsc::channel(256);
         let turn_cancel = cancel.child_token();
+        let gate = PolicyGate {
+            policy: self.session.spec.approval_policy.clone(),
+            presets: self.ctx.config.sandbox_hardware.clone(),
+            decisions,
+        };
         let outcome = {
             let turn = Turn {
                 model: model.as_ref(),
@@ -535,6 +571,7 @@ impl SessionRun {
                 journal: &conversation.store,
                 events: &events_tx,
                 config: &config,
+                gate: &gate,
             };
             let running = turn.run(&mut history, &turn_cancel);
             tokio::pin!(running);
@@ -587,8 +624,182 @@ impl SessionRun {
             }
             return TurnEnd::Suspended;
         }
+        if let TurnOutcome::WaitingForApproval { pending } = outcome {
+            self.park_for_approval(conversation, &pending).await;
+            return TurnEnd::Parked;
+        }
         self.end_turn(conversation, outcome).await;
         TurnEnd::Done
+    }
+
+    /// The turn waits for humans: its gated calls go into status.pendingApprovals and the
+    /// runner lets go of its slot; the sandbox is kept for the idle timeout.
+    async fn park_for_approval(&mut self, conversation: &Conversation, pending: &[PendingCall]) {
+        self.release_slot();
+        let policy = self.session.spec.approval_policy.clone();
+        let entries = pending_entries(pending, conversation.history.len(), &policy, |t| {
+            self.redact(t)
+        });
+        let name = self.name();
+        for e in &entries {
+            let note = format!(
+                "{} waits for approval as request {}: create an AgentApproval with sessionName {name}, requestId {} and argumentsDigest {}",
+                e.summary, e.id, e.id, e.arguments_digest
+            );
+            self.ctx
+                .publish(&self.object, EventType::Normal, "ApprovalRequested", note)
+                .await;
+        }
+        let count = entries.len();
+        self.status.status.pending_approvals.extend(entries);
+        let message =
+            format!("{count} tool call(s) wait for approval; see status.pendingApprovals");
+        self.status
+            .set_phase(SessionPhase::WaitingForApproval, &message);
+        self.status.set_condition(
+            condition::APPROVAL_PENDING,
+            true,
+            "WaitingForDecision",
+            &message,
+        );
+        self.status
+            .set_condition(condition::RUNNING, false, "WaitingForApproval", &message);
+        let idle = self.session.spec.sandbox.idle_timeout_seconds;
+        self.keep_sandbox_for(idle.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS));
+        self.flush_status(&conversation.store).await;
+        self.status.apply_or_log().await;
+    }
+
+    /// Matches AgentApprovals to the pending requests. Some(decisions by tool-call id)
+    /// when every request is settled (the requests then move to status.approvalHistory);
+    /// None while the session must keep waiting.
+    async fn check_approvals(&mut self) -> Option<HashMap<String, Decision>> {
+        let namespace = self.session.namespace().unwrap_or_default();
+        let api: Api<AgentApproval> = Api::namespaced(self.ctx.client.clone(), &namespace);
+        let name = self.name();
+        let approvals: Vec<AgentApproval> = match api.list(&Default::default()).await {
+            Ok(list) => list
+                .items
+                .into_iter()
+                .filter(|a| a.spec.session_name == name)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(session = %name, error = %e, "cannot list approvals");
+                return None;
+            }
+        };
+        let policy = self.session.spec.approval_policy.clone();
+        let pending = self.status.status.pending_approvals.clone();
+        let standing = standing(&pending, &approvals, &policy, Timestamp::now());
+        let owner = self.session.controller_owner_ref(&());
+        for r in &standing.refused {
+            mark_approval(
+                &api,
+                &r.approval,
+                owner.clone(),
+                ApprovalPhase::Refused,
+                r.reason,
+                &r.message,
+            )
+            .await;
+            self.ctx
+                .publish(
+                    &self.object,
+                    EventType::Warning,
+                    "ApprovalRefused",
+                    format!("{}: {}", r.approval, r.message),
+                )
+                .await;
+        }
+        if !standing.ready() {
+            if standing.suspend_for_timeout(&policy)
+                && self.status.status.phase != Some(SessionPhase::Suspended)
+            {
+                let message = "a request for approval timed out; the session is suspended until it is decided (an AgentApproval still resumes it)";
+                self.status.set_phase(SessionPhase::Suspended, message);
+                self.status
+                    .set_condition(condition::APPROVAL_PENDING, true, "TimedOut", message);
+                self.status.apply_or_log().await;
+                self.ctx
+                    .publish(
+                        &self.object,
+                        EventType::Warning,
+                        "ApprovalTimedOut",
+                        message,
+                    )
+                    .await;
+            } else if self.status.status.phase != Some(SessionPhase::WaitingForApproval)
+                && !standing.suspend_for_timeout(&policy)
+            {
+                self.status.set_phase(
+                    SessionPhase::WaitingForApproval,
+                    "tool calls wait for approval; see status.pendingApprovals",
+                );
+                self.status.apply_or_log().await;
+            }
+            return None;
+        }
+        let now = Time(Timestamp::now());
+        let mut decisions = HashMap::new();
+        for s in standing.settled {
+            let outcome = match (&s.approval, s.decision.approved) {
+                (None, _) => "TimedOut",
+                (Some(_), true) => "Approved",
+                (Some(_), false) => "Rejected",
+            };
+            if let Some(a) = &s.approval {
+                let message = format!("{outcome} request {} of session {name}", s.request.id);
+                mark_approval(
+                    &api,
+                    a,
+                    owner.clone(),
+                    ApprovalPhase::Applied,
+                    outcome,
+                    &message,
+                )
+                .await;
+            }
+            let note = format!(
+                "{} request {} ({}){}",
+                outcome,
+                s.request.id,
+                s.request.summary,
+                s.approval
+                    .as_deref()
+                    .map(|a| format!(" by AgentApproval {a}"))
+                    .unwrap_or_default()
+            );
+            self.ctx
+                .publish(
+                    &self.object,
+                    EventType::Normal,
+                    "ApprovalDecided",
+                    self.redact(&note),
+                )
+                .await;
+            let history = &mut self.status.status.approval_history;
+            history.push(ApprovalRecord {
+                id: s.request.id.clone(),
+                tool: s.request.tool.clone(),
+                outcome: outcome.into(),
+                approval: s.approval.clone(),
+                decided_by: s.decision.by.clone(),
+                edited: s.decision.edited_arguments.is_some(),
+                decided_at: now.clone(),
+            });
+            let excess = history.len().saturating_sub(APPROVAL_HISTORY_MAX);
+            history.drain(..excess);
+            decisions.insert(s.request.tool_call_id.clone(), s.decision);
+        }
+        self.status.status.pending_approvals.clear();
+        self.status.set_condition(
+            condition::APPROVAL_PENDING,
+            false,
+            "Decided",
+            "every request for approval is decided",
+        );
+        self.status.apply_or_log().await;
+        Some(decisions)
     }
 
     /// Limits of the turn: iterations, retries, the model's window and the budget left.
@@ -653,11 +864,11 @@ impl SessionRun {
     /// A turn that was stopped mid-way (suspend, controller restart) goes on: whatever its
     /// tool calls left running is killed, and calls without a result are answered as
     /// interrupted.
-    async fn resume_interrupted(&mut self, conversation: &mut Conversation) {
+    async fn resume_interrupted(&mut self, conversation: &mut Conversation, decided: &[String]) {
         let name = self.name();
         let pod = sandbox_pod_name(&name);
         let mut repaired = conversation.history.clone();
-        if guards::answer_dangling_calls(&mut repaired, guards::INTERRUPTED) == 0 {
+        if guards::answer_dangling_calls_except(&mut repaired, guards::INTERRUPTED, decided) == 0 {
             return;
         }
         match SandboxPod::kill_processes(&self.pods, &pod).await {
@@ -802,6 +1013,7 @@ impl SessionRun {
                 self.status_dirty = true;
             }
             AgentEvent::Processing
+            | AgentEvent::ApprovalRequired { .. }
             | AgentEvent::AssistantChunk { .. }
             | AgentEvent::AssistantMessage { .. }
             | AgentEvent::TurnComplete { .. }
@@ -911,7 +1123,7 @@ impl SessionRun {
                     "the transcript could not be stored, so the turn stopped before acting on it: {e}"
                 ),
             ),
-            TurnOutcome::Cancelled => return,
+            TurnOutcome::Cancelled | TurnOutcome::WaitingForApproval { .. } => return,
         };
         if phase == SessionPhase::Failed {
             conversation.store.defer(&event_record(&AgentEvent::Error {

@@ -22,6 +22,8 @@ pub mod condition {
     pub const COMPLETE: &str = "Complete";
     /// The session failed; the reason and message say why and what to fix.
     pub const FAILED: &str = "Failed";
+    /// Tool calls wait for a human decision.
+    pub const APPROVAL_PENDING: &str = "ApprovalPending";
 }
 
 const MESSAGE_MAX_CHARS: usize = 1024;

@@ -82,10 +82,16 @@ fn setup() -> &'static Setup {
             repo().join("configs/rbac/controller.yaml").to_str().unwrap(),
         ]);
         kubectl_ok(&[
+            "apply",
+            "-f",
+            repo().join("configs/rbac/user-roles.yaml").to_str().unwrap(),
+        ]);
+        kubectl_ok(&[
             "wait",
             "--for=condition=established",
             "--timeout=60s",
             "crd/agentsessions.ml-intern.io",
+            "crd/agentapprovals.ml-intern.io",
         ]);
         // Kubernetes 1.20 creates a token Secret for every ServiceAccount.
         let mut token = String::new();
@@ -575,9 +581,19 @@ impl Drop for E2e {
 impl E2e {
     /// `kubectl apply -f -` of `manifest` in the test namespace.
     pub fn kubectl_apply(&self, manifest: &str) -> Output {
+        self.kubectl_apply_as(None, manifest)
+    }
+
+    /// `kubectl apply` as `user` (impersonated, so RBAC and admission see that user).
+    pub fn kubectl_apply_as(&self, user: Option<&str>, manifest: &str) -> Output {
         use std::io::Write;
+        let mut args = vec!["-n".to_string(), self.namespace.clone()];
+        if let Some(user) = user {
+            args.push(format!("--as={user}"));
+        }
+        args.extend(["apply".into(), "-f".into(), "-".into()]);
         let mut child = Command::new("kubectl")
-            .args(["-n", &self.namespace, "apply", "-f", "-"])
+            .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
