@@ -88,6 +88,16 @@ struct ControllerArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
+    /// Serve the admission webhook over TLS here (e.g. 0.0.0.0:9443); off when unset.
+    #[arg(long, requires_all = ["webhook_cert", "webhook_key"])]
+    webhook_addr: Option<SocketAddr>,
+    /// PEM certificate chain of the webhook (its names must match the webhook's URL or
+    /// Service); cert-manager or `openssl` can make one.
+    #[arg(long)]
+    webhook_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long)]
+    webhook_key: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -210,7 +220,15 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
     let client = kube::Client::try_default()
         .await
         .map_err(|e| format!("cannot connect to Kubernetes (KUBECONFIG or in-cluster): {e}"))?;
-    controller::run(client, config, args.http_addr).await
+    let webhook = match (args.webhook_addr, &args.webhook_cert, &args.webhook_key) {
+        (Some(addr), Some(cert), Some(key)) => Some((
+            addr,
+            ml_intern::server::tls::server_config(cert, key)
+                .map_err(|e| format!("--webhook-cert/--webhook-key: {e}"))?,
+        )),
+        _ => None,
+    };
+    controller::run(client, config, args.http_addr, webhook).await
 }
 
 /// A comma-separated CIDR list; `none` or nothing is empty.

@@ -54,6 +54,22 @@ fn approval(
     .to_string()
 }
 
+/// Grants `user` the ClusterRole `role` in the test namespace.
+fn bind(env: &E2e, user: &str, role: &str) {
+    let out = env.kubectl(&[
+        "create",
+        "rolebinding",
+        &format!("{user}-{role}"),
+        &format!("--clusterrole={role}"),
+        &format!("--user={user}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Applies a decision as `user` (the test's admin when None); it must be accepted.
 fn decide(env: &E2e, user: Option<&str>, manifest: &str) {
     let out = env.kubectl_apply_as(user, manifest);
@@ -103,18 +119,7 @@ async fn a_gated_call_waits_for_an_approver_while_the_others_run() {
     ])
     .await;
     for (user, role) in [("bob", "ml-intern-editor"), ("alice", "ml-intern-approver")] {
-        let out = env.kubectl(&[
-            "create",
-            "rolebinding",
-            &format!("{user}-{role}"),
-            &format!("--clusterrole={role}"),
-            &format!("--user={user}"),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bind(&env, user, role);
     }
     env.create_session(
         "gated",
@@ -374,4 +379,98 @@ async fn a_session_deleted_while_waiting_leaves_nothing_behind() {
     env.wait_for_deletion(approvals, "stray", MINUTE).await;
     env.wait_for_deletion_requested(env.pods(), "abandoned-sandbox", MINUTE)
         .await;
+}
+
+#[tokio::test]
+async fn the_webhook_records_who_decides_forbids_self_approval_and_freezes_decisions() {
+    let env = E2e::start_with(
+        "webhook",
+        support::E2eOptions {
+            webhook: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    for (user, role) in [
+        ("alice", "ml-intern-editor"),
+        ("alice", "ml-intern-approver"),
+        ("bob", "ml-intern-approver"),
+    ] {
+        bind(&env, user, role);
+    }
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![("write", json!({"path": "a.txt", "content": "a"}))]),
+        Step::Answer("done".into()),
+    ])
+    .await;
+    // Alice starts the session, claiming in vain to be someone else.
+    let session = json!({
+        "apiVersion": "ml-intern.io/v1alpha1", "kind": "AgentSession",
+        "metadata": {"name": "alices", "annotations": {"ml-intern.io/requested-by": "mallory"}},
+        "spec": {"prompt": "Write.", "model": "openai/scripted", "llm": {"baseUrl": llm.base_url},
+                 "sandbox": {"imagePullPolicy": "Never"},
+                 "approvalPolicy": {"gatedTools": ["write"], "forbidSelfApproval": true}}
+    });
+    decide(&env, Some("alice"), &session.to_string());
+    let created = env.sessions().get("alices").await.unwrap();
+    assert_eq!(
+        created.metadata.annotations.unwrap()["ml-intern.io/requested-by"],
+        "alice"
+    );
+    let request = pending(&env, "alices").await;
+
+    let own = env.kubectl_apply_as(
+        Some("alice"),
+        &approval(
+            "self",
+            "alices",
+            &request.id,
+            &request.arguments_digest,
+            "Approve",
+            "",
+        ),
+    );
+    assert!(!own.status.success());
+    assert!(
+        String::from_utf8_lossy(&own.stderr).contains("forbidSelfApproval"),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+
+    decide(
+        &env,
+        Some("bob"),
+        &approval(
+            "by-bob",
+            "alices",
+            &request.id,
+            &request.arguments_digest,
+            "Approve",
+            "",
+        ),
+    );
+    let done = env.wait_for_phase("alices", "Succeeded", 2 * MINUTE).await;
+    let record = &done.status.unwrap().approval_history[0];
+    assert_eq!(record.decided_by.as_deref(), Some("bob"));
+
+    // A decision is final, and nobody rewrites who made it (not even an admin).
+    let flip = env.kubectl(&[
+        "patch",
+        "agentapproval",
+        "by-bob",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"decision":"Reject"}}"#,
+    ]);
+    assert!(!flip.status.success());
+    assert!(String::from_utf8_lossy(&flip.stderr).contains("cannot change once made"));
+    let forge = env.kubectl(&[
+        "annotate",
+        "--overwrite",
+        "agentsession",
+        "alices",
+        "ml-intern.io/requested-by=carol",
+    ]);
+    assert!(!forge.status.success());
+    assert!(String::from_utf8_lossy(&forge.stderr).contains("cannot change"));
 }

@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod reconcile;
 pub mod session_runner;
 pub mod status;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +51,7 @@ pub async fn run(
     client: Client,
     config: ControllerConfig,
     http_addr: SocketAddr,
+    webhook: Option<(SocketAddr, Arc<rustls::ServerConfig>)>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (sessions, pods): (Api<AgentSession>, Api<Pod>) = match &config.namespace {
         Some(ns) => (
@@ -67,6 +69,19 @@ pub async fn run(
     let ctx = Arc::new(Context::new(client.clone(), config));
     let server = crate::server::serve(http_addr, ctx.metrics.clone(), ctx.ready.clone());
     let server = tokio::spawn(server);
+    let webhook = match webhook {
+        Some((addr, tls)) => {
+            let listener = crate::server::tls::TlsListener::bind(addr, tls).await?;
+            tracing::info!(%addr, "serving the admission webhook");
+            let app = webhook::router(client.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, app).await {
+                    tracing::error!(error = %e, "admission webhook stopped");
+                }
+            }))
+        }
+        None => None,
+    };
 
     let pod_watch = watcher::Config::default()
         .labels(&format!("{}={}", MANAGED_BY_LABEL.0, MANAGED_BY_LABEL.1));
@@ -97,6 +112,9 @@ pub async fn run(
         .await;
     ctx.ready.store(false, std::sync::atomic::Ordering::SeqCst);
     server.abort();
+    if let Some(w) = webhook {
+        w.abort();
+    }
     tracing::info!("controller stopped");
     Ok(())
 }

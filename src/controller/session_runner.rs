@@ -748,7 +748,11 @@ impl SessionRun {
                 (Some(_), false) => "Rejected",
             };
             if let Some(a) = &s.approval {
-                let message = format!("{outcome} request {} of session {name}", s.request.id);
+                let who = match &s.decision.by {
+                    Some(by) => format!(" by {by}"),
+                    None => "; who decided is not recorded (no admission webhook)".into(),
+                };
+                let message = format!("{outcome} request {} of session {name}{who}", s.request.id);
                 mark_approval(
                     &api,
                     a,

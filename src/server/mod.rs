@@ -1,6 +1,7 @@
 //! The controller's HTTP endpoints: `/healthz`, `/readyz` and Prometheus `/metrics`.
 
 pub mod metrics;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

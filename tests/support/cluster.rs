@@ -28,6 +28,8 @@ pub struct E2eOptions {
     /// A model config for the controller (`--model-config`); `{namespace}` in it becomes
     /// the test's namespace.
     pub model_config: Option<String>,
+    /// Serve the admission webhook and register it for the test's namespace.
+    pub webhook: bool,
 }
 
 pub struct E2e {
@@ -38,6 +40,8 @@ pub struct E2e {
     controller: Option<Child>,
     controller_args: Vec<String>,
     pub log: PathBuf,
+    /// The MutatingWebhookConfiguration registered for this test, if any.
+    webhook: Option<String>,
 }
 
 struct Setup {
@@ -174,6 +178,34 @@ fn unique_suffix() -> String {
     )
 }
 
+/// A CA and a certificate for 127.0.0.1 signed by it, made once per test process.
+fn webhook_certs() -> &'static Path {
+    static CERTS: OnceLock<PathBuf> = OnceLock::new();
+    CERTS.get_or_init(|| {
+        let dir = repo().join(format!("target/e2e/webhook-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        for args in [
+            "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=ml-intern-e2e-ca",
+            "req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj /CN=127.0.0.1",
+            "x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 2 -extfile san.ext",
+        ] {
+            let out = Command::new("openssl")
+                .args(args.split(' '))
+                .current_dir(&dir)
+                .output()
+                .expect("openssl runs");
+            assert!(out.status.success(), "openssl {args}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        dir
+    })
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -197,7 +229,9 @@ impl E2e {
         namespaces
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap(),
+                &serde_json::from_value(json!({"metadata": {"name": namespace,
+                    "labels": {"ml-intern.io/e2e-namespace": namespace}}}))
+                .unwrap(),
             )
             .await
             .expect("create the test namespace");
@@ -210,6 +244,18 @@ impl E2e {
             std::fs::write(&path, config.replace("{namespace}", &namespace)).unwrap();
             controller_args.extend(["--model-config".into(), path.display().to_string()]);
         }
+        let webhook_port = free_port();
+        if options.webhook {
+            let certs = webhook_certs();
+            controller_args.extend([
+                "--webhook-addr".into(),
+                format!("127.0.0.1:{webhook_port}"),
+                "--webhook-cert".into(),
+                certs.join("tls.crt").display().to_string(),
+                "--webhook-key".into(),
+                certs.join("tls.key").display().to_string(),
+            ]);
+        }
         let mut e2e = E2e {
             client,
             namespace,
@@ -217,9 +263,68 @@ impl E2e {
             controller: None,
             controller_args,
             log: PathBuf::new(),
+            webhook: None,
         };
         e2e.start_controller().await;
+        if options.webhook {
+            e2e.register_webhook(webhook_port).await;
+        }
         e2e
+    }
+
+    /// Points the apiserver at this test's controller for AgentSessions and AgentApprovals
+    /// in this namespace, and waits until it answers.
+    async fn register_webhook(&mut self, port: u16) {
+        let name = format!("ml-intern-{}", self.namespace);
+        let ca = std::fs::read(webhook_certs().join("ca.crt")).unwrap();
+        let ca = base64_encode(&ca);
+        let config = json!({
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [{
+                "name": "admission.ml-intern.io",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/admit"), "caBundle": ca},
+                "namespaceSelector": {"matchLabels": {"ml-intern.io/e2e-namespace": self.namespace}},
+                "rules": [{"apiGroups": ["ml-intern.io"], "apiVersions": ["v1alpha1"],
+                           "operations": ["CREATE", "UPDATE"],
+                           "resources": ["agentsessions", "agentapprovals"]}]
+            }]
+        });
+        let out = self.kubectl_apply(&config.to_string());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.webhook = Some(name);
+        // The apiserver picks up new webhook configurations after a moment.
+        let probe = json!({"apiVersion": "ml-intern.io/v1alpha1", "kind": "AgentApproval",
+            "metadata": {"name": "webhook-probe"},
+            "spec": {"sessionName": "none", "requestId": "none", "argumentsDigest": "0".repeat(64),
+                     "decision": "Reject"}})
+        .to_string();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.kubectl_input(
+                &["create", "--dry-run=server", "-o", "json", "-f", "-"],
+                &probe,
+            );
+            if String::from_utf8_lossy(&out.stdout).contains("ml-intern.io/requested-by") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the webhook did not start answering: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     }
 
     /// Starts a controller process for this namespace (again, after `stop_controller`).
@@ -566,6 +671,14 @@ impl E2e {
 impl Drop for E2e {
     fn drop(&mut self) {
         self.stop_controller();
+        if let Some(name) = &self.webhook {
+            let _ = kubectl(&[
+                "delete",
+                "mutatingwebhookconfiguration",
+                name,
+                "--wait=false",
+            ]);
+        }
         // Sessions carry a finalizer that only the (now stopped) controller removes.
         let _ = Command::new("sh")
             .arg("-c")
@@ -586,14 +699,21 @@ impl E2e {
 
     /// `kubectl apply` as `user` (impersonated, so RBAC and admission see that user).
     pub fn kubectl_apply_as(&self, user: Option<&str>, manifest: &str) -> Output {
-        use std::io::Write;
-        let mut args = vec!["-n".to_string(), self.namespace.clone()];
-        if let Some(user) = user {
-            args.push(format!("--as={user}"));
+        let mut args = vec![];
+        let as_user = user.map(|u| format!("--as={u}"));
+        if let Some(a) = &as_user {
+            args.push(a.as_str());
         }
-        args.extend(["apply".into(), "-f".into(), "-".into()]);
+        args.extend(["apply", "-f", "-"]);
+        self.kubectl_input(&args, manifest)
+    }
+
+    /// kubectl in the test namespace with `input` on stdin.
+    pub fn kubectl_input(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
         let mut child = Command::new("kubectl")
-            .args(&args)
+            .args(["-n", &self.namespace])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -603,7 +723,7 @@ impl E2e {
             .stdin
             .take()
             .unwrap()
-            .write_all(manifest.as_bytes())
+            .write_all(input.as_bytes())
             .unwrap();
         child.wait_with_output().unwrap()
     }
