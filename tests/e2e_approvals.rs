@@ -178,14 +178,15 @@ async fn a_gated_call_waits_for_an_approver_while_the_others_run() {
     decide(
         &env,
         Some("alice"),
-        &approval(
-            "go",
-            "gated",
-            &first.id,
-            &first.arguments_digest,
-            "Approve",
-            "",
-        ),
+        // The approver edits what gets written; the digest is still the original's.
+        &json!({
+            "apiVersion": "ml-intern.io/v1alpha1", "kind": "AgentApproval",
+            "metadata": {"name": "go"},
+            "spec": {"sessionName": "gated", "requestId": first.id,
+                     "argumentsDigest": first.arguments_digest, "decision": "Approve",
+                     "editedArguments": {"path": "plan.txt", "content": "edited"}}
+        })
+        .to_string(),
     );
     let second = env
         .wait_for_session("gated", 2 * MINUTE, "the second request", |s| {
@@ -211,7 +212,7 @@ async fn a_gated_call_waits_for_an_approver_while_the_others_run() {
         results,
         [
             "auto-ran\n",
-            "Wrote 5 bytes (1 lines) to /workspace/plan.txt."
+            "[Note: the approver edited the arguments before the call ran; the result is for the edited call.]\nWrote 6 bytes (1 lines) to /workspace/plan.txt."
         ],
         "the auto call ran at once, the approved one after the decision"
     );
@@ -242,6 +243,7 @@ async fn a_gated_call_waits_for_an_approver_while_the_others_run() {
         .map(|r| r.outcome.as_str())
         .collect();
     assert_eq!(outcomes, ["Approved", "Rejected"]);
+    assert!(status.approval_history[0].edited);
 }
 
 #[tokio::test]
@@ -473,4 +475,94 @@ async fn the_webhook_records_who_decides_forbids_self_approval_and_freezes_decis
     ]);
     assert!(!forge.status.success());
     assert!(String::from_utf8_lossy(&forge.stderr).contains("cannot change"));
+}
+
+#[tokio::test]
+async fn a_budgeted_session_pauses_at_its_cap_and_goes_on_only_when_allowed_more() {
+    // Each scripted call is 100 prompt tokens: $1 a call at $10,000 per million.
+    let env = E2e::start_with(
+        "budgeted",
+        support::E2eOptions {
+            model_config: Some(
+                "models:\n  - match: \"openai/dear\"\n    \
+                 price: {inputPerMillion: 10000, outputPerMillion: 0}\n"
+                    .into(),
+            ),
+            ..Default::default()
+        },
+    )
+    .await;
+    let echo = |n: u32| Step::ToolCalls(vec![("bash", json!({"command": format!("echo {n}")}))]);
+    let llm = ScriptedLlm::start(vec![echo(1), echo(2), echo(3), echo(4)]).await;
+    env.create_session(
+        "capped",
+        json!({"prompt": "Spend.", "model": "openai/dear", "llm": {"baseUrl": llm.base_url},
+               "sandbox": {"imagePullPolicy": "Never"},
+               "approvalPolicy": {"mode": "Budgeted", "autoApproveUpToUsd": "1.5",
+                                  "budgetStepUsd": "1"}}),
+    )
+    .await;
+    let pause = pending(&env, "capped").await;
+    assert_eq!(pause.tool, "budget");
+    assert!(
+        pause.summary.contains("$2.0000") && pause.summary.contains("$1.50"),
+        "{}",
+        pause.summary
+    );
+    assert_eq!(llm.requests().len(), 2, "no call past the cap");
+    decide(
+        &env,
+        None,
+        &approval(
+            "more",
+            "capped",
+            &pause.id,
+            &pause.arguments_digest,
+            "Approve",
+            "",
+        ),
+    );
+    let again = env
+        .wait_for_session("capped", 2 * MINUTE, "the second pause", |s| {
+            s.status.as_ref().is_some_and(|st| {
+                st.pending_approvals
+                    .first()
+                    .is_some_and(|p| p.summary.contains("$3.0000"))
+            })
+        })
+        .await;
+    assert_eq!(
+        again
+            .status
+            .as_ref()
+            .unwrap()
+            .auto_approval_cap_usd
+            .as_deref(),
+        Some("2.50")
+    );
+    assert_eq!(llm.requests().len(), 3, "one more call was allowed");
+    let second = again.status.unwrap().pending_approvals.remove(0);
+    decide(
+        &env,
+        None,
+        &approval(
+            "enough",
+            "capped",
+            &second.id,
+            &second.arguments_digest,
+            "Reject",
+            "stop here",
+        ),
+    );
+    let failed = env.wait_for_phase("capped", "Failed", MINUTE).await;
+    let c = failed
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Failed")
+        .unwrap();
+    assert_eq!(c.reason, "BudgetPauseRejected");
+    assert!(c.message.contains("stop here"), "{}", c.message);
+    assert_eq!(llm.requests().len(), 3);
 }

@@ -7,6 +7,9 @@ use crate::llm::catalog::Price;
 pub struct Budget {
     pub max_tokens: Option<u64>,
     pub max_usd: Option<f64>,
+    /// Spending that pauses the loop for a human to allow more (`approvalPolicy` mode
+    /// `Budgeted`), unlike `max_usd`, which ends the turn.
+    pub pause_at_usd: Option<f64>,
     /// The model's price; without one, a USD limit cannot be checked and is reported so.
     pub price: Option<Price>,
 }
@@ -63,6 +66,7 @@ mod tests {
         let budget = Budget {
             max_tokens: Some(3_000_000),
             max_usd: Some(2.5),
+            pause_at_usd: None,
             price: Some(price),
         };
         let mut spent = Spend::default();

@@ -63,6 +63,8 @@ pub enum TurnOutcome {
     ContextOverflow { message: String },
     /// Calls wait for a human; the turn goes on from here once they are decided.
     WaitingForApproval { pending: Vec<PendingCall> },
+    /// Spending reached the auto-approval cap; the turn goes on once a human raises it.
+    BudgetPause { spent_usd: f64, cap_usd: f64 },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -144,6 +146,15 @@ impl Turn<'_> {
             if let Some(message) = self.config.budget.exceeded(&spent) {
                 self.save(history, &mut saved).await.map_err(failed)?;
                 return Ok(TurnOutcome::BudgetExceeded { message });
+            }
+            if let Some(cap) = self.config.budget.pause_at_usd
+                && spent.usd >= cap
+            {
+                self.save(history, &mut saved).await.map_err(failed)?;
+                return Ok(TurnOutcome::BudgetPause {
+                    spent_usd: spent.usd,
+                    cap_usd: cap,
+                });
             }
             if meter.tokens(history) > self.threshold() {
                 if let Err(message) = self.compact(history, &mut meter, &mut spent).await {

@@ -91,9 +91,20 @@ pub struct AgentSessionSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ApprovalPolicy {
     /// `Manual` (default): gated calls wait for an AgentApproval. `Auto`: gated calls run
-    /// without asking.
+    /// without asking. `Budgeted`: as Manual for gated calls, and when the session's
+    /// estimated spending reaches `autoApproveUpToUsd` the loop pauses for an approval of
+    /// kind `budget`; approving it raises the cap by `budgetStepUsd` (ml-intern's YOLO cap).
     #[serde(default)]
     pub mode: ApprovalMode,
+    /// `Budgeted`: the spending (USD, from the model config's prices) at which the loop first
+    /// pauses. Default "5".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
+    pub auto_approve_up_to_usd: Option<String>,
+    /// `Budgeted`: how much an approved budget pause adds to the cap. Default: the first cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?$"))]
+    pub budget_step_usd: Option<String>,
     /// Tools whose every call is gated, on top of the built-in rules (a `sandbox_create` to
     /// a GPU preset, and later training and Hub-changing jobs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -116,6 +127,7 @@ pub enum ApprovalMode {
     #[default]
     Manual,
     Auto,
+    Budgeted,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -124,6 +136,11 @@ pub enum ApprovalTimeoutAction {
     Reject,
     Suspend,
 }
+
+/// The first budget-pause cap of `Budgeted` mode when the policy does not say (ml-intern's).
+pub const DEFAULT_AUTO_APPROVE_USD: f64 = 5.0;
+/// Tool name of the synthetic request a budget pause waits on.
+pub const BUDGET_REQUEST_TOOL: &str = "budget";
 
 /// How long a request waits for a decision when the policy does not say.
 pub const DEFAULT_APPROVAL_TIMEOUT_SECS: u32 = 86_400;
@@ -436,6 +453,10 @@ pub struct AgentSessionStatus {
     /// `argumentsDigest` to decide one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_approvals: Vec<PendingApproval>,
+
+    /// `Budgeted` mode: the spending (USD) at which the loop pauses next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_approval_cap_usd: Option<String>,
 
     /// The latest decided requests, newest last (at most 50).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -19,14 +19,14 @@ use super::approvals::{PolicyGate, mark_approval, pending_entries, standing};
 use super::context::{Context, SessionEntry};
 use super::credentials::ModelAccess;
 use super::status::{StatusWriter, condition};
-use crate::agent::approval::{Decision, PendingCall};
+use crate::agent::approval::{self, Decision, PendingCall};
 use crate::agent::budget::{Budget, Spend};
 use crate::agent::guards;
 use crate::agent::prompt::system_prompt;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
 use crate::api::session::{
-    APPROVAL_HISTORY_MAX, ApprovalRecord, DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES,
-    PLAN_MAX_ITEMS,
+    APPROVAL_HISTORY_MAX, ApprovalMode, ApprovalRecord, BUDGET_REQUEST_TOOL,
+    DEFAULT_AUTO_APPROVE_USD, DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS,
 };
 use crate::api::{AgentApproval, ApprovalPhase};
 use crate::api::{
@@ -117,6 +117,8 @@ struct SessionRun {
     /// The current model's price, and what the session spent so far.
     price: Option<Price>,
     spend: Spend,
+    /// A budget pause was rejected: the open turn ends with this.
+    budget_refused: Option<String>,
 }
 
 /// The conversation as the runner keeps it between turns.
@@ -161,6 +163,7 @@ impl SessionRun {
             permit: None,
             price: None,
             spend: Spend::default(),
+            budget_refused: None,
         }
     }
 
@@ -231,6 +234,15 @@ impl SessionRun {
             let mut decisions = HashMap::new();
             if conversation.turn_open && !self.status.status.pending_approvals.is_empty() {
                 match self.check_approvals().await {
+                    Some(_) if self.budget_refused.is_some() => {
+                        let message = self.budget_refused.take().unwrap_or_default();
+                        let stopped = TurnOutcome::Failed(TurnFailure::Tool(ToolFailure {
+                            reason: "BudgetPauseRejected".into(),
+                            message: format!("the budget pause was not approved: {message}"),
+                        }));
+                        self.end_turn(&mut conversation, stopped).await;
+                        continue;
+                    }
                     Some(decided) => decisions = decided,
                     None => {
                         if self.retire_unless_changed() {
@@ -628,6 +640,23 @@ impl SessionRun {
             self.park_for_approval(conversation, &pending).await;
             return TurnEnd::Parked;
         }
+        if let TurnOutcome::BudgetPause { spent_usd, cap_usd } = outcome {
+            let step = self.budget_step();
+            let request = PendingCall {
+                tool_call_id: format!("budget-{}", conversation.history.len()),
+                tool: BUDGET_REQUEST_TOOL.into(),
+                arguments: serde_json::json!({
+                    "capUsd": format!("{cap_usd:.2}"),
+                    "spentUsd": format!("{spent_usd:.4}"),
+                    "stepUsd": format!("{step:.2}"),
+                }),
+                summary: format!(
+                    "the session spent an estimated ${spent_usd:.4}, reaching its auto-approval cap of ${cap_usd:.2}; approve to allow ${step:.2} more"
+                ),
+            };
+            self.park_for_approval(conversation, &[request]).await;
+            return TurnEnd::Parked;
+        }
         self.end_turn(conversation, outcome).await;
         TurnEnd::Done
     }
@@ -793,7 +822,14 @@ impl SessionRun {
             });
             let excess = history.len().saturating_sub(APPROVAL_HISTORY_MAX);
             history.drain(..excess);
-            decisions.insert(s.request.tool_call_id.clone(), s.decision);
+            if s.request.tool != BUDGET_REQUEST_TOOL {
+                decisions.insert(s.request.tool_call_id.clone(), s.decision);
+            } else if s.decision.approved {
+                let cap = self.auto_approval_cap() + self.budget_step();
+                self.status.status.auto_approval_cap_usd = Some(format!("{cap:.2}"));
+            } else {
+                self.budget_refused = Some(approval::rejection_result(&s.decision));
+            }
         }
         self.status.status.pending_approvals.clear();
         self.status.set_condition(
@@ -845,6 +881,18 @@ impl SessionRun {
                 .unwrap_or(0.0),
         };
         self.price = info.price;
+        let pause_at_usd = match self.session.spec.approval_policy.mode {
+            ApprovalMode::Budgeted if info.price.is_none() => {
+                return Err((
+                    "BudgetUnpriced",
+                    format!(
+                        "approvalPolicy.mode Budgeted pauses on estimated spending, but model {model} has no price in the controller's model config; add one there or use mode Manual"
+                    ),
+                ));
+            }
+            ApprovalMode::Budgeted => Some(self.auto_approval_cap()),
+            _ => None,
+        };
         let context = self
             .status
             .status
@@ -859,10 +907,34 @@ impl SessionRun {
             budget: Budget {
                 max_tokens: limits.max_tokens,
                 max_usd,
+                pause_at_usd,
                 price: info.price,
             },
             spent: self.spend,
         })
+    }
+
+    /// The spending at which a `Budgeted` session pauses next: raised by each approved
+    /// pause, starting at the policy's cap.
+    fn auto_approval_cap(&self) -> f64 {
+        let policy = &self.session.spec.approval_policy;
+        self.status
+            .status
+            .auto_approval_cap_usd
+            .as_deref()
+            .or(policy.auto_approve_up_to_usd.as_deref())
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(DEFAULT_AUTO_APPROVE_USD)
+    }
+
+    fn budget_step(&self) -> f64 {
+        let policy = &self.session.spec.approval_policy;
+        policy
+            .budget_step_usd
+            .as_deref()
+            .or(policy.auto_approve_up_to_usd.as_deref())
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(DEFAULT_AUTO_APPROVE_USD)
     }
 
     /// A turn that was stopped mid-way (suspend, controller restart) goes on: whatever its
@@ -1127,7 +1199,9 @@ impl SessionRun {
                     "the transcript could not be stored, so the turn stopped before acting on it: {e}"
                 ),
             ),
-            TurnOutcome::Cancelled | TurnOutcome::WaitingForApproval { .. } => return,
+            TurnOutcome::Cancelled
+            | TurnOutcome::WaitingForApproval { .. }
+            | TurnOutcome::BudgetPause { .. } => return,
         };
         if phase == SessionPhase::Failed {
             conversation.store.defer(&event_record(&AgentEvent::Error {
