@@ -8,19 +8,9 @@ use std::time::Duration;
 use ml_intern::api::AgentApproval;
 use ml_intern::api::session::PendingApproval;
 use serde_json::{Value, json};
-use support::{E2e, ScriptedLlm, Step};
+use support::{E2e, ScriptedLlm, Step, tool_results};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn tool_results(request: &Value) -> Vec<String> {
-    request["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap_or("").to_string())
-        .collect()
-}
 
 /// Waits until the session waits for approval and returns its first pending request.
 async fn pending(env: &E2e, session: &str) -> PendingApproval {

@@ -5,20 +5,23 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{E2e, ScriptedLlm, Step};
+use support::{E2e, ScriptedLlm, Step, tool_results};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// The tool results of the last request, in order.
-fn tool_results(request: &Value) -> Vec<String> {
-    request["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| m["role"] == "tool")
-        .map(|m| m["content"].as_str().unwrap_or("").to_string())
-        .collect()
-}
+const HARDWARE: &str = r#"default: small
+presets:
+  small:
+    description: tiny
+    resources:
+      requests: {cpu: 50m, memory: 64Mi}
+  big:
+    description: bigger
+    resources:
+      requests: {cpu: 100m, memory: 128Mi}
+      limits: {cpu: 300m, memory: 256Mi}
+    nodeSelector: {kubernetes.io/os: linux}
+"#;
 
 #[tokio::test]
 async fn read_write_edit_and_bash_keep_their_contracts_in_a_real_pod() {
@@ -447,19 +450,10 @@ async fn python_code_is_written_run_edited_and_rerun_in_a_debian_sandbox() {
 
 #[tokio::test]
 async fn sandbox_create_moves_the_sandbox_to_other_hardware() {
-    let presets = std::env::temp_dir().join(format!("ml-intern-hw-{}.yaml", std::process::id()));
-    std::fs::write(
-        &presets,
-        "default: small\npresets:\n  small:\n    description: tiny\n    resources:\n      \
-         requests: {cpu: 50m, memory: 64Mi}\n  big:\n    description: bigger\n    resources:\n      \
-         requests: {cpu: 100m, memory: 128Mi}\n      limits: {cpu: 300m, memory: 256Mi}\n    \
-         nodeSelector: {kubernetes.io/os: linux}\n",
-    )
-    .unwrap();
     let env = E2e::start_with(
         "hardware",
         support::E2eOptions {
-            controller_args: vec!["--sandbox-hardware".into(), presets.display().to_string()],
+            sandbox_hardware: Some(HARDWARE.into()),
             ..Default::default()
         },
     )
@@ -526,5 +520,4 @@ async fn sandbox_create_moves_the_sandbox_to_other_hardware() {
         message.contains("a100x8") && message.contains("big, small"),
         "{message}"
     );
-    let _ = std::fs::remove_file(&presets);
 }

@@ -16,6 +16,7 @@ use crate::api::session::{
 use crate::api::{AgentApproval, ApprovalDecision, ApprovalPhase};
 use crate::runtime::hardware::HardwarePresets;
 use crate::text::truncate_bytes;
+use crate::tools::jobs::CLUSTER_JOBS_TOOL;
 use crate::tools::sandbox_create::SANDBOX_CREATE_TOOL;
 
 /// Longest arguments text shown in a pending request.
@@ -41,6 +42,22 @@ impl ApprovalGate for PolicyGate {
                 "move the sandbox to GPU hardware {hardware} ({})",
                 preset.description
             ));
+        }
+        if tool == CLUSTER_JOBS_TOOL
+            && arguments["operation"].as_str().map(str::trim) == Some("run")
+        {
+            let flavor = arguments["hardware_flavor"]
+                .as_str()
+                .or(arguments["flavor"].as_str())
+                .or(self.presets.default.as_deref());
+            if let Some(f) = flavor
+                && let Some(preset) = self.presets.get(f).filter(|p| p.has_gpu())
+            {
+                return Some(format!(
+                    "run a cluster job on GPU flavor {f} ({})",
+                    preset.description
+                ));
+            }
         }
         if self.policy.gated_tools.iter().any(|t| t == tool) {
             let shown = arguments

@@ -36,6 +36,7 @@ use crate::api::{
 use crate::llm::catalog::Price;
 use crate::llm::{ChatModel, ModelSettings, client_for};
 use crate::redact::Redactor;
+use crate::runtime::cluster_job::ClusterJobs;
 use crate::runtime::hardware::PodHardware;
 use crate::runtime::sandbox_template::{sandbox_network_policy, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
@@ -43,6 +44,7 @@ use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
 use crate::tools::bash::BASH_TOOL;
 use crate::tools::files::{EDIT_TOOL, READ_TOOL, WRITE_TOOL};
+use crate::tools::jobs::{CLUSTER_JOBS_TOOL, ClusterJobsTool};
 use crate::tools::plan::PLAN_TOOL;
 use crate::tools::sandbox_create::{SANDBOX_CREATE_TOOL, SandboxCreateTool, chosen_hardware};
 use crate::tools::{BashTool, Files, PlanTool, ToolFailure, ToolRouter};
@@ -327,6 +329,7 @@ impl SessionRun {
                 EDIT_TOOL,
                 PLAN_TOOL,
                 SANDBOX_CREATE_TOOL,
+                CLUSTER_JOBS_TOOL,
             ];
             messages.push(ChatMessage::system(system_prompt(
                 &tools.map(str::to_string),
@@ -456,6 +459,23 @@ impl SessionRun {
         Some((pod, switch))
     }
 
+    /// Jobs beside the sandbox, made like it (image, env, hardening).
+    fn cluster_jobs(&self) -> Option<ClusterJobs> {
+        let namespace = self.session.namespace()?;
+        Some(ClusterJobs {
+            jobs: Api::namespaced(self.ctx.client.clone(), &namespace),
+            pods: self.pods.clone(),
+            session: self.name(),
+            namespace,
+            owner: self.session.controller_owner_ref(&())?,
+            presets: self.ctx.config.sandbox_hardware.clone(),
+            base: SandboxSettings::from_spec(
+                &self.session.spec.sandbox,
+                &self.ctx.config.default_sandbox_image,
+            ),
+        })
+    }
+
     /// The preset the sandbox runs on: the agent's last switch, else the spec's, else the
     /// controller's default. Err names a preset that is not configured.
     fn hardware(&self, history: &[ChatMessage]) -> Result<Option<String>, String> {
@@ -561,6 +581,12 @@ impl SessionRun {
         tools.register(Arc::new(PlanTool));
         if !self.ctx.config.sandbox_hardware.presets.is_empty() {
             tools.register(Arc::new(SandboxCreateTool(hardware_switch)));
+        }
+        if let Some(jobs) = self.cluster_jobs() {
+            tools.register(Arc::new(ClusterJobsTool {
+                backend: Arc::new(jobs),
+                files: Some(sandbox.clone()),
+            }));
         }
         let mut history = std::mem::take(&mut conversation.history);
         let files = Files::new(sandbox.clone());

@@ -1,6 +1,7 @@
 //! Where tool calls execute. Kubernetes-aware adapters that implement the agent core's
 //! execution traits.
 
+pub mod cluster_job;
 pub mod hardware;
 pub mod sandbox_pod;
 pub mod sandbox_template;

@@ -167,7 +167,7 @@ pub fn sandbox_network_policy(
     }
 }
 
-fn sandbox_labels(session: &str) -> BTreeMap<String, String> {
+pub fn sandbox_labels(session: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             MANAGED_BY_LABEL.0.to_string(),
@@ -179,6 +179,34 @@ fn sandbox_labels(session: &str) -> BTreeMap<String, String> {
         ),
         (SESSION_LABEL.to_string(), label_value(session)),
     ])
+}
+
+/// The fixed non-root user, seccomp on: for every pod this operator runs agent code in.
+pub fn hardened_pod_security() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(SANDBOX_UID),
+        run_as_group: Some(SANDBOX_UID),
+        fs_group: Some(SANDBOX_UID),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// No privilege escalation, no capabilities.
+pub fn hardened_container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Pod name of a session's sandbox.
@@ -282,17 +310,7 @@ pub fn sandbox_pod(
             enable_service_links: Some(false),
             restart_policy: Some("Always".into()),
             termination_grace_period_seconds: Some(5),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: Some(SANDBOX_UID),
-                run_as_group: Some(SANDBOX_UID),
-                fs_group: Some(SANDBOX_UID),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            security_context: Some(hardened_pod_security()),
             containers: vec![Container {
                 name: SANDBOX_CONTAINER.into(),
                 image: Some(settings.image.clone()),
@@ -302,15 +320,7 @@ pub fn sandbox_pod(
                 env: Some(env),
                 env_from: Some(settings.env_from.clone()).filter(|e| !e.is_empty()),
                 resources: Some(settings.resources.clone()),
-                security_context: Some(SecurityContext {
-                    allow_privilege_escalation: Some(false),
-                    privileged: Some(false),
-                    capabilities: Some(Capabilities {
-                        drop: Some(vec!["ALL".into()]),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                }),
+                security_context: Some(hardened_container_security()),
                 volume_mounts: Some(vec![
                     VolumeMount {
                         name: "workspace".into(),

@@ -30,6 +30,8 @@ pub struct E2eOptions {
     pub model_config: Option<String>,
     /// Serve the admission webhook and register it for the test's namespace.
     pub webhook: bool,
+    /// Hardware presets for the controller (`--sandbox-hardware`).
+    pub sandbox_hardware: Option<String>,
 }
 
 pub struct E2e {
@@ -243,6 +245,13 @@ impl E2e {
             let path = dir.join(format!("{namespace}-models.yaml"));
             std::fs::write(&path, config.replace("{namespace}", &namespace)).unwrap();
             controller_args.extend(["--model-config".into(), path.display().to_string()]);
+        }
+        if let Some(presets) = options.sandbox_hardware {
+            let dir = repo().join("target/e2e/configs");
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("{namespace}-hardware.yaml"));
+            std::fs::write(&path, presets).unwrap();
+            controller_args.extend(["--sandbox-hardware".into(), path.display().to_string()]);
         }
         let webhook_port = free_port();
         if options.webhook {

@@ -7,3 +7,14 @@ pub mod scripted_llm;
 
 pub use cluster::{E2e, E2eOptions, PYTHON_IMAGE};
 pub use scripted_llm::{ScriptedLlm, Step};
+
+/// The tool results sent in a chat-completions request, in order.
+pub fn tool_results(request: &serde_json::Value) -> Vec<String> {
+    request["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["role"] == "tool")
+        .map(|m| m["content"].as_str().unwrap_or("").to_string())
+        .collect()
+}

@@ -22,7 +22,13 @@ pub enum Step {
     AnswerWhenReleased(Arc<Notify>, String),
     /// Fail with this HTTP status and body.
     Error(u16, Value),
+    /// Once `release` is notified (if given), tool calls computed from the request (say, a
+    /// job id read from the latest tool result).
+    ToolCallsFrom(Option<Arc<Notify>>, Box<CallsFrom>),
 }
+
+/// Tool calls made from a request body.
+pub type CallsFrom = dyn Fn(&Value) -> Vec<(&'static str, Value)> + Send;
 
 /// One request as the server saw it.
 #[derive(Clone, Debug)]
@@ -137,6 +143,7 @@ async fn next_reply(shared: &Shared, path: &str, headers: &HeaderMap, body: Valu
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
+    let request = body.clone();
     shared.seen.lock().unwrap().push(SeenRequest {
         path: path.into(),
         authorization: header("authorization"),
@@ -162,17 +169,28 @@ async fn next_reply(shared: &Shared, path: &str, headers: &HeaderMap, body: Valu
             release.notified().await;
             Reply::Text(text)
         }
-        Some(Step::ToolCalls(calls)) => Reply::Calls(
-            calls
-                .into_iter()
-                .map(|(name, args)| {
-                    let mut n = shared.next_call.lock().unwrap();
-                    *n += 1;
-                    (format!("call_{n}"), name.to_string(), args)
-                })
-                .collect(),
-        ),
+        Some(Step::ToolCallsFrom(release, make)) => {
+            if let Some(r) = release {
+                r.notified().await;
+            }
+            numbered(shared, make(&request))
+        }
+        Some(Step::ToolCalls(calls)) => numbered(shared, calls),
     }
+}
+
+/// Tool calls with ids unique over the server's life.
+fn numbered(shared: &Shared, calls: Vec<(&'static str, Value)>) -> Reply {
+    Reply::Calls(
+        calls
+            .into_iter()
+            .map(|(name, args)| {
+                let mut n = shared.next_call.lock().unwrap();
+                *n += 1;
+                (format!("call_{n}"), name.to_string(), args)
+            })
+            .collect(),
+    )
 }
 
 fn sse(events: Vec<(Option<&str>, String)>) -> Response {

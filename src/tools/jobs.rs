@@ -1,0 +1,381 @@
+//! `cluster_jobs`: training and compute steps as jobs beside the sandbox, with the
+//! contract of ml-intern's `hf_jobs` (operations run, ps, logs, inspect, cancel). The
+//! backend (Kubernetes Jobs here; Hugging Face Jobs later) is behind `JobBackend`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{FileSystem, Tool, ToolFailure, ToolOutput};
+use crate::llm::ToolSpec;
+
+pub const CLUSTER_JOBS_TOOL: &str = "cluster_jobs";
+/// ml-intern's default job timeout.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 30 * 60;
+/// Longest timeout a job may ask for.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+/// Log text returned by `logs` (the tail is kept).
+const LOGS_MAX_CHARS: usize = 25_000;
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRequest {
+    pub command: Vec<String>,
+    pub image: Option<String>,
+    pub flavor: Option<String>,
+    pub timeout_secs: u64,
+    pub env: BTreeMap<String, String>,
+}
+
+/// A job as a backend reports it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobInfo {
+    pub id: String,
+    pub flavor: String,
+    /// `Pending`, `Running`, `Succeeded`, `Failed`, `DeadlineExceeded` or `Cancelled`.
+    pub state: String,
+    /// Why it failed, in the backend's words.
+    pub message: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+#[async_trait]
+pub trait JobBackend: Send + Sync {
+    async fn run(&self, request: JobRequest) -> Result<JobInfo, String>;
+    async fn list(&self) -> Result<Vec<JobInfo>, String>;
+    async fn inspect(&self, id: &str) -> Result<JobInfo, String>;
+    /// The job's output so far (stdout and stderr).
+    async fn logs(&self, id: &str) -> Result<String, String>;
+    async fn cancel(&self, id: &str) -> Result<(), String>;
+    /// Flavors the platform offers: (name, description).
+    fn flavors(&self) -> Vec<(String, String)>;
+}
+
+pub struct ClusterJobsTool {
+    pub backend: Arc<dyn JobBackend>,
+    /// Where a script named by path is read from.
+    pub files: Option<Arc<dyn FileSystem>>,
+}
+
+#[derive(Deserialize)]
+struct Args {
+    operation: String,
+    #[serde(default)]
+    script: Option<String>,
+    #[serde(default)]
+    script_args: Vec<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default, alias = "flavor", alias = "hardware")]
+    hardware_flavor: Option<String>,
+    #[serde(default)]
+    timeout: Option<Value>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    job_id: Option<String>,
+}
+
+/// "300", 300, "300s", "5m", "1.5h", "1d" as seconds (the Hugging Face client's forms).
+pub fn parse_timeout(v: &Value) -> Result<u64, String> {
+    let text = match v {
+        Value::Number(n) => {
+            return n
+                .as_f64()
+                .map(|f| f.round() as u64)
+                .ok_or("bad number".into());
+        }
+        Value::String(s) => s.trim().to_string(),
+        other => return Err(format!("timeout must be like \"30m\", not {other}")),
+    };
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text.as_str(), 's'),
+    };
+    let scale = match unit {
+        's' => 1.0,
+        'm' => 60.0,
+        'h' => 3600.0,
+        'd' => 86400.0,
+        other => return Err(format!("unknown timeout unit {other:?}; use s, m, h or d")),
+    };
+    number
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|f| *f > 0.0)
+        .map(|f| (f * scale).round() as u64)
+        .ok_or_else(|| format!("timeout {text:?} is not a duration like \"30m\""))
+}
+
+/// A script given as a path in the sandbox rather than as code.
+fn looks_like_path(script: &str) -> bool {
+    !script.contains('\n')
+        && !script.contains("://")
+        && (script.starts_with('/')
+            || script.starts_with("./")
+            || script.starts_with("../")
+            || (script.ends_with(".py") && !script.contains(char::is_whitespace)))
+}
+
+fn describe(job: &JobInfo) -> String {
+    let mut text = format!(
+        "Job: {}\nFlavor: {}\nState: {}",
+        job.id, job.flavor, job.state
+    );
+    if let Some(m) = &job.message {
+        text.push_str(&format!("\nReason: {m}"));
+    }
+    if let Some(s) = &job.started_at {
+        text.push_str(&format!("\nStarted: {s}"));
+    }
+    if let Some(f) = &job.finished_at {
+        text.push_str(&format!("\nFinished: {f}"));
+    }
+    text
+}
+
+impl ClusterJobsTool {
+    async fn command(&self, args: &Args) -> Result<Vec<String>, String> {
+        match (&args.script, &args.command) {
+            (Some(_), Some(_)) => Err("give either script or command, not both".into()),
+            (None, None) => {
+                Err("run needs a script (Python code or a sandbox path) or a command".into())
+            }
+            (None, Some(command)) if command.is_empty() => Err("command is empty".into()),
+            (None, Some(command)) => Ok(command.clone()),
+            (Some(script), None) => {
+                let code = if looks_like_path(script) {
+                    let fs = self
+                        .files
+                        .as_ref()
+                        .ok_or("scripts by path need the sandbox")?;
+                    let path = super::files::resolve(script);
+                    let bytes = fs
+                        .read(&path, None, super::files::EDIT_MAX_BYTES)
+                        .await
+                        .map_err(|e| format!("cannot read {path} from the sandbox: {e:?}"))?;
+                    String::from_utf8(bytes).map_err(|_| format!("{path} is not UTF-8 text"))?
+                } else {
+                    script.clone()
+                };
+                let mut command = vec!["python3".to_string(), "-c".to_string(), code];
+                if !args.script_args.is_empty() {
+                    command.push("job".into());
+                    command.extend(args.script_args.iter().cloned());
+                }
+                Ok(command)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Tool for ClusterJobsTool {
+    fn spec(&self) -> ToolSpec {
+        let flavors: Vec<String> = self
+            .backend
+            .flavors()
+            .iter()
+            .map(|(n, d)| format!("{n} ({d})"))
+            .collect();
+        ToolSpec {
+            name: CLUSTER_JOBS_TOOL.into(),
+            description: format!(
+                "Run training or compute as a Kubernetes Job on the cluster, beside the \
+                 sandbox. operation=run submits and returns at once with the job id and its \
+                 first log lines; follow it with ps, logs and inspect; cancel stops it. A \
+                 script is Python code or a path in the sandbox; or give command (argv) and \
+                 image. Print progress as JSON lines like {{\"metric\": \"loss\", \"value\": 0.3}}. \
+                 Test on a small sample in the sandbox first. Flavors: {}.",
+                if flavors.is_empty() {
+                    "the cluster default".to_string()
+                } else {
+                    flavors.join(", ")
+                }
+            ),
+            parameters: json!({
+                "type": "object",
+                "properties": {
+                    "operation": {"type": "string", "enum": ["run", "ps", "logs", "inspect", "cancel"]},
+                    "script": {"type": "string", "description": "Python code, or a path to a .py file in the sandbox."},
+                    "script_args": {"type": "array", "items": {"type": "string"}},
+                    "command": {"type": "array", "items": {"type": "string"}, "description": "Command and arguments, instead of script."},
+                    "image": {"type": "string", "description": "Container image (default: the sandbox's)."},
+                    "hardware_flavor": {"type": "string", "description": "Hardware flavor."},
+                    "timeout": {"type": "string", "description": "Longest run time, e.g. \"30m\", \"2h\" (default 30m)."},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "job_id": {"type": "string", "description": "For logs, inspect and cancel."}
+                },
+                "required": ["operation"]
+            }),
+        }
+    }
+
+    async fn call(&self, arguments: Value) -> Result<ToolOutput, ToolFailure> {
+        let args: Args = match Args::deserialize(&arguments) {
+            Ok(a) => a,
+            Err(e) => {
+                return Ok(ToolOutput::error(format!(
+                    "ERROR: invalid arguments for cluster_jobs: {e}."
+                )));
+            }
+        };
+        let job_id = || {
+            args.job_id
+                .clone()
+                .filter(|j| !j.trim().is_empty())
+                .ok_or_else(|| format!("{} needs job_id", args.operation))
+        };
+        let result: Result<String, String> = match args.operation.trim() {
+            "run" => {
+                let timeout = match &args.timeout {
+                    None => Ok(DEFAULT_TIMEOUT_SECS),
+                    Some(v) => parse_timeout(v),
+                };
+                let flavors = self.backend.flavors();
+                match (timeout, &args.hardware_flavor) {
+                    (Err(e), _) => Err(e),
+                    (Ok(_), Some(f))
+                        if !flavors.is_empty() && !flavors.iter().any(|(n, _)| n == f) =>
+                    {
+                        Err(format!(
+                            "unknown hardware_flavor {f:?}; choose one of: {}",
+                            flavors
+                                .iter()
+                                .map(|(n, _)| n.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ))
+                    }
+                    (Ok(t), _) if t > MAX_TIMEOUT_SECS => {
+                        Err(format!("timeout is above the {MAX_TIMEOUT_SECS}s limit"))
+                    }
+                    (Ok(timeout_secs), _) => match self.command(&args).await {
+                        Err(e) => Err(e),
+                        Ok(command) => match self
+                            .backend
+                            .run(JobRequest {
+                                command,
+                                image: args.image.clone(),
+                                flavor: args.hardware_flavor.clone(),
+                                timeout_secs,
+                                env: args.env.clone(),
+                            })
+                            .await
+                        {
+                            Err(e) => Err(e),
+                            Ok(job) => {
+                                let logs = self.backend.logs(&job.id).await.unwrap_or_default();
+                                let first: Vec<&str> = logs.lines().take(20).collect();
+                                Ok(format!(
+                                    "Job submitted.\n{}\n\nFirst log lines:\n{}\n\nFollow it with operation=logs or inspect and job_id={}.",
+                                    describe(&job),
+                                    if first.is_empty() {
+                                        "(none yet)".to_string()
+                                    } else {
+                                        first.join("\n")
+                                    },
+                                    job.id
+                                ))
+                            }
+                        },
+                    },
+                }
+            }
+            "ps" => self.backend.list().await.map(|jobs| {
+                if jobs.is_empty() {
+                    return "No jobs.".to_string();
+                }
+                let mut table =
+                    "| JOB ID | FLAVOR | STATE | STARTED | FINISHED |\n|---|---|---|---|---|\n"
+                        .to_string();
+                for j in jobs {
+                    table.push_str(&format!(
+                        "| {} | {} | {} | {} | {} |\n",
+                        j.id,
+                        j.flavor,
+                        j.state,
+                        j.started_at.unwrap_or_default(),
+                        j.finished_at.unwrap_or_default()
+                    ));
+                }
+                table
+            }),
+            "logs" => match job_id() {
+                Err(e) => Err(e),
+                Ok(id) => self.backend.logs(&id).await.map(|logs| {
+                    let logs = super::bash::strip_ansi(&logs);
+                    let total = logs.chars().count();
+                    if total > LOGS_MAX_CHARS {
+                        let tail: String = logs.chars().skip(total - LOGS_MAX_CHARS).collect();
+                        format!(
+                            "[… {} earlier characters not shown]\n{tail}",
+                            total - LOGS_MAX_CHARS
+                        )
+                    } else if logs.is_empty() {
+                        "(no output yet)".into()
+                    } else {
+                        logs
+                    }
+                }),
+            },
+            "inspect" => match job_id() {
+                Err(e) => Err(e),
+                Ok(id) => self.backend.inspect(&id).await.map(|j| describe(&j)),
+            },
+            "cancel" => match job_id() {
+                Err(e) => Err(e),
+                Ok(id) => self
+                    .backend
+                    .cancel(&id)
+                    .await
+                    .map(|()| format!("Job {id} cancelled.")),
+            },
+            other => Err(format!(
+                "unknown operation {other:?}; use run, ps, logs, inspect or cancel"
+            )),
+        };
+        Ok(match result {
+            Ok(text) => ToolOutput::ok(text),
+            Err(e) => ToolOutput::error(format!("ERROR: {e}")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_read_like_the_hub_client() {
+        for (v, secs) in [
+            (json!(300), 300),
+            (json!("300"), 300),
+            (json!("300s"), 300),
+            (json!("5m"), 300),
+            (json!("1.5h"), 5400),
+            (json!("1d"), 86400),
+        ] {
+            assert_eq!(parse_timeout(&v), Ok(secs), "{v}");
+        }
+        assert!(parse_timeout(&json!("5w")).is_err());
+        assert!(parse_timeout(&json!("soon")).is_err());
+    }
+
+    #[test]
+    fn paths_and_code_are_told_apart() {
+        assert!(looks_like_path("train.py"));
+        assert!(looks_like_path("/workspace/train.py"));
+        assert!(looks_like_path("./scripts/run"));
+        assert!(!looks_like_path("print('hi')"));
+        assert!(!looks_like_path("import os\nprint(1)"));
+        assert!(!looks_like_path("https://example.com/train.py"));
+    }
+}
