@@ -237,3 +237,69 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
     env.wait_for_deletion(jobs, running.metadata.name.as_deref().unwrap(), 2 * MINUTE)
         .await;
 }
+
+#[tokio::test]
+async fn suspending_a_session_stops_its_jobs_but_not_detached_ones() {
+    let env = E2e::start_with(
+        "jobsuspend",
+        support::E2eOptions {
+            sandbox_hardware: Some(HARDWARE.into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let hold = Arc::new(Notify::new());
+    let llm = ScriptedLlm::start(vec![
+        Step::ToolCalls(vec![
+            (
+                "cluster_jobs",
+                json!({"operation": "run", "command": ["sleep", "600"]}),
+            ),
+            (
+                "cluster_jobs",
+                json!({"operation": "run", "command": ["sleep", "601"], "detach": true}),
+            ),
+        ]),
+        Step::AnswerWhenReleased(hold.clone(), "never".into()),
+    ])
+    .await;
+    env.create_session(
+        "pausable",
+        json!({"prompt": "Train twice.", "model": "openai/scripted",
+               "llm": {"baseUrl": llm.base_url},
+               "sandbox": {"image": support::PYTHON_IMAGE, "imagePullPolicy": "Never"}}),
+    )
+    .await;
+    llm.wait_for_requests(2, 2 * MINUTE).await;
+    let jobs: kube::Api<Job> = kube::Api::namespaced(env.client.clone(), &env.namespace);
+    let running = |j: &Job| j.status.as_ref().is_some_and(|s| s.active == Some(1));
+    wait_for_job(&env, |j| {
+        running(j)
+            && j.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key("ml-intern.io/detach"))
+    })
+    .await;
+    let attached = wait_for_job(&env, |j| {
+        running(j)
+            && !j
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key("ml-intern.io/detach"))
+    })
+    .await;
+    env.patch_spec("pausable", json!({"suspend": true})).await;
+    env.wait_for_event("pausable", "JobsStopped", MINUTE).await;
+    env.wait_for_deletion(
+        jobs.clone(),
+        attached.metadata.name.as_deref().unwrap(),
+        MINUTE,
+    )
+    .await;
+    let left: Vec<Job> = jobs.list(&Default::default()).await.unwrap().items;
+    assert_eq!(left.len(), 1, "the detached job runs on");
+    assert!(running(&left[0]));
+    hold.notify_one();
+}

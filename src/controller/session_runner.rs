@@ -36,7 +36,7 @@ use crate::api::{
 use crate::llm::catalog::Price;
 use crate::llm::{ChatModel, ModelSettings, client_for};
 use crate::redact::Redactor;
-use crate::runtime::cluster_job::ClusterJobs;
+use crate::runtime::cluster_job::{ClusterJobs, stop_attached_jobs};
 use crate::runtime::hardware::PodHardware;
 use crate::runtime::sandbox_template::{sandbox_network_policy, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
@@ -1287,6 +1287,23 @@ impl SessionRun {
         let pod = sandbox_pod_name(&self.name());
         if turn_open && let Err(e) = SandboxPod::kill_processes(&self.pods, &pod).await {
             tracing::warn!(session = %self.name(), error = %e, "could not kill sandbox processes on suspend");
+        }
+        let namespace = self.session.namespace().unwrap_or_default();
+        let jobs = Api::namespaced(self.ctx.client.clone(), &namespace);
+        match stop_attached_jobs(&jobs, &self.name()).await {
+            Ok(stopped) if !stopped.is_empty() => {
+                let note = format!(
+                    "suspended: stopped running jobs {} (start jobs with detach: true to keep them running)",
+                    stopped.join(", ")
+                );
+                self.ctx
+                    .publish(&self.object, EventType::Normal, "JobsStopped", note)
+                    .await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(session = %self.name(), error = %e, "could not stop jobs on suspend")
+            }
         }
         let message = if turn_open {
             "suspended by spec.suspend in the middle of a turn; set it to false to resume the turn"

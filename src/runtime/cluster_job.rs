@@ -23,6 +23,8 @@ use super::{MANAGED_BY_LABEL, SESSION_LABEL};
 use crate::tools::jobs::{JobBackend, JobInfo, JobRequest};
 
 const JOB_CONTAINER: &str = "job";
+/// A job started with `detach: true` keeps running when its session is suspended.
+pub const DETACH_LABEL: &str = "ml-intern.io/detach";
 /// Log bytes fetched per call.
 const LOG_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
 
@@ -86,6 +88,9 @@ impl ClusterJobs {
         let mut labels = labels(&self.session);
         if let Some(f) = &flavor {
             labels.insert("ml-intern.io/flavor".into(), label_value(f));
+        }
+        if request.detach {
+            labels.insert(DETACH_LABEL.into(), "true".into());
         }
         Ok(Job {
             metadata: ObjectMeta {
@@ -347,4 +352,39 @@ impl JobBackend for ClusterJobs {
             .map(|(n, p)| (n.clone(), p.description.clone()))
             .collect()
     }
+}
+
+/// Deletes the session's running jobs that were not started with `detach` (on suspend);
+/// returns their names.
+pub async fn stop_attached_jobs(
+    jobs: &Api<Job>,
+    session: &str,
+) -> Result<Vec<String>, kube::Error> {
+    let selector = format!(
+        "{SESSION_LABEL}={},app.kubernetes.io/component=job,!{DETACH_LABEL}",
+        label_value(session)
+    );
+    let mut stopped = vec![];
+    for job in jobs
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+    {
+        let running = job.status.as_ref().and_then(|s| s.active).unwrap_or(0) > 0;
+        let Some(name) = job.metadata.name.clone() else {
+            continue;
+        };
+        if running {
+            let params = DeleteParams {
+                propagation_policy: Some(PropagationPolicy::Background),
+                ..Default::default()
+            };
+            match jobs.delete(&name, &params).await {
+                Ok(_) => stopped.push(name),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(stopped)
 }

@@ -28,6 +28,8 @@ pub struct JobRequest {
     pub flavor: Option<String>,
     pub timeout_secs: u64,
     pub env: BTreeMap<String, String>,
+    /// Keeps running when the session is suspended.
+    pub detach: bool,
 }
 
 /// A job as a backend reports it.
@@ -80,6 +82,8 @@ struct Args {
     env: BTreeMap<String, String>,
     #[serde(default)]
     job_id: Option<String>,
+    #[serde(default)]
+    detach: bool,
 }
 
 /// "300", 300, "300s", "5m", "1.5h", "1d" as seconds (the Hugging Face client's forms).
@@ -211,7 +215,8 @@ impl Tool for ClusterJobsTool {
                     "hardware_flavor": {"type": "string", "description": "Hardware flavor."},
                     "timeout": {"type": "string", "description": "Longest run time, e.g. \"30m\", \"2h\" (default 30m)."},
                     "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "job_id": {"type": "string", "description": "For logs, inspect and cancel."}
+                    "job_id": {"type": "string", "description": "For logs, inspect and cancel."},
+                    "detach": {"type": "boolean", "description": "Keep the job running if the session is suspended (default false)."}
                 },
                 "required": ["operation"]
             }),
@@ -267,6 +272,7 @@ impl Tool for ClusterJobsTool {
                                 flavor: args.hardware_flavor.clone(),
                                 timeout_secs,
                                 env: args.env.clone(),
+                                detach: args.detach,
                             })
                             .await
                         {
