@@ -607,3 +607,45 @@ async fn the_platform_endpoint_and_key_serve_sessions_that_name_none() {
     assert_eq!(own.requests()[0].authorization, None);
     assert_eq!(platform.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn spec_tools_limits_what_the_model_is_offered() {
+    let env = E2e::start("tools").await;
+    let llm = ScriptedLlm::start(vec![Step::Answer("ok".into())]).await;
+    env.create_session(
+        "narrow",
+        json!({"prompt": "Hi.", "model": "openai/scripted", "llm": {"baseUrl": llm.base_url},
+               "tools": ["bash", "read"]}),
+    )
+    .await;
+    env.create_session(
+        "typo",
+        json!({"prompt": "Hi.", "model": "openai/scripted", "llm": {"baseUrl": llm.base_url},
+               "tools": ["bsh"]}),
+    )
+    .await;
+    env.wait_for_phase("narrow", "Succeeded", MINUTE).await;
+    let request = &llm.requests()[0].body;
+    let offered: Vec<&str> = request["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(offered, ["bash", "read"]);
+    let system = request["messages"][0]["content"].as_str().unwrap();
+    assert!(system.contains("tools you have: bash, read."), "{system}");
+    let failed = env.wait_for_phase("typo", "Failed", MINUTE).await;
+    let c = condition(&failed, "Failed");
+    assert_eq!(c.reason, "UnknownTool");
+    assert!(
+        c.message.contains("\"bsh\"") && c.message.contains("cluster_jobs"),
+        "{}",
+        c.message
+    );
+    assert_eq!(
+        llm.requests().len(),
+        1,
+        "no model call for the refused session"
+    );
+}

@@ -66,6 +66,12 @@ pub struct AgentSessionSpec {
     #[serde(default)]
     pub llm: LlmSpec,
 
+    /// The tools the agent may use, by name (`bash`, `read`, `write`, `edit`, `plan_tool`,
+    /// `sandbox_create`, `cluster_jobs`); all of them when empty. Small models do better
+    /// with fewer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+
     /// Most model calls the agent may make before the session fails with
     /// `MaxIterationsReached`.
     #[serde(default = "default_max_iterations")]

@@ -49,6 +49,17 @@ use crate::tools::plan::PLAN_TOOL;
 use crate::tools::sandbox_create::{SANDBOX_CREATE_TOOL, SandboxCreateTool, chosen_hardware};
 use crate::tools::{BashTool, Files, PlanTool, ToolFailure, ToolRouter};
 
+/// Every tool a session can have (`spec.tools` picks among them).
+const ALL_TOOLS: [&str; 7] = [
+    BASH_TOOL,
+    READ_TOOL,
+    WRITE_TOOL,
+    EDIT_TOOL,
+    PLAN_TOOL,
+    SANDBOX_CREATE_TOOL,
+    CLUSTER_JOBS_TOOL,
+];
+
 /// Runs the session until it has nothing left to do, then marks it finished in the context.
 pub async fn run_session(
     ctx: Arc<Context>,
@@ -322,19 +333,14 @@ impl SessionRun {
         let mut messages = vec![];
         if conversation.history.is_empty() {
             let today = Timestamp::now().strftime("%Y-%m-%d").to_string();
-            let tools = [
-                BASH_TOOL,
-                READ_TOOL,
-                WRITE_TOOL,
-                EDIT_TOOL,
-                PLAN_TOOL,
-                SANDBOX_CREATE_TOOL,
-                CLUSTER_JOBS_TOOL,
-            ];
-            messages.push(ChatMessage::system(system_prompt(
-                &tools.map(str::to_string),
-                &today,
-            )));
+            let tools: Vec<String> = ALL_TOOLS
+                .iter()
+                .map(|t| t.to_string())
+                .filter(|t| {
+                    self.session.spec.tools.is_empty() || self.session.spec.tools.contains(t)
+                })
+                .collect();
+            messages.push(ChatMessage::system(system_prompt(&tools, &today)));
         }
         messages.push(ChatMessage::user(text));
         records.extend(
@@ -594,6 +600,9 @@ impl SessionRun {
         files.remember_from(&history);
         for tool in files.tools() {
             tools.register(tool);
+        }
+        if !self.session.spec.tools.is_empty() {
+            tools.retain(&self.session.spec.tools);
         }
         let (events_tx, mut events_rx) = mpsc::channel(256);
         let turn_cancel = cancel.child_token();
@@ -870,6 +879,21 @@ impl SessionRun {
 
     /// Limits of the turn: iterations, retries, the model's window and the budget left.
     fn turn_config(&mut self) -> Result<TurnConfig, (&'static str, String)> {
+        if let Some(unknown) = self
+            .session
+            .spec
+            .tools
+            .iter()
+            .find(|t| !ALL_TOOLS.contains(&t.as_str()))
+        {
+            return Err((
+                "UnknownTool",
+                format!(
+                    "spec.tools names {unknown:?}, which is not a tool; choose among {}",
+                    ALL_TOOLS.join(", ")
+                ),
+            ));
+        }
         let Some(model) = self.model_id() else {
             return Err((
                 "NoModel",

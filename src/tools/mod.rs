@@ -77,6 +77,11 @@ impl ToolRouter {
         self.tools.insert(tool.spec().name, tool);
     }
 
+    /// Keeps only the tools named in `allowed`.
+    pub fn retain(&mut self, allowed: &[String]) {
+        self.tools.retain(|name, _| allowed.contains(name));
+    }
+
     pub fn specs(&self) -> Vec<ToolSpec> {
         self.tools.values().map(|t| t.spec()).collect()
     }
