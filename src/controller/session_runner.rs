@@ -715,7 +715,8 @@ impl SessionRun {
                 .await;
         }
         let count = entries.len();
-        self.status.status.pending_approvals.extend(entries);
+        // Earlier requests were all settled before this turn went on.
+        self.status.status.pending_approvals = entries;
         let message =
             format!("{count} tool call(s) wait for approval; see status.pendingApprovals");
         self.status
@@ -732,6 +733,21 @@ impl SessionRun {
         self.keep_sandbox_for(idle.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS));
         self.flush_status(&conversation.store).await;
         self.status.apply_or_log().await;
+    }
+
+    /// The decided requests were acted on: they leave status.pendingApprovals.
+    fn approvals_done(&mut self) {
+        if self.status.status.pending_approvals.is_empty() {
+            return;
+        }
+        self.status.status.pending_approvals.clear();
+        self.status.set_condition(
+            condition::APPROVAL_PENDING,
+            false,
+            "Decided",
+            "every request for approval is decided",
+        );
+        self.status_dirty = true;
     }
 
     /// Matches AgentApprovals to the pending requests. Some(decisions by tool-call id)
@@ -806,6 +822,19 @@ impl SessionRun {
         let now = Time(Timestamp::now());
         let mut decisions = HashMap::new();
         for s in standing.settled {
+            // Seen before a restart that came before the calls ran: same decisions, once.
+            if self
+                .status
+                .status
+                .approval_history
+                .iter()
+                .any(|r| r.id == s.request.id)
+            {
+                if s.request.tool != BUDGET_REQUEST_TOOL {
+                    decisions.insert(s.request.tool_call_id.clone(), s.decision);
+                }
+                continue;
+            }
             let outcome = match (&s.approval, s.decision.approved) {
                 (None, _) => "TimedOut",
                 (Some(_), true) => "Approved",
@@ -866,13 +895,8 @@ impl SessionRun {
                 self.budget_refused = Some(approval::rejection_result(&s.decision));
             }
         }
-        self.status.status.pending_approvals.clear();
-        self.status.set_condition(
-            condition::APPROVAL_PENDING,
-            false,
-            "Decided",
-            "every request for approval is decided",
-        );
+        // The requests stay pending until the turn has acted on them (see approvals_done),
+        // so a restart before that decides them again rather than losing the calls.
         self.status.apply_or_log().await;
         Some(decisions)
     }
@@ -1031,11 +1055,14 @@ impl SessionRun {
             return;
         }
         store.defer(&event_record(&event));
-        let metrics = &self.ctx.metrics;
+        let ctx = self.ctx.clone();
+        let metrics = &ctx.metrics;
         match event {
             AgentEvent::LlmCall {
                 usage, compaction, ..
             } => {
+                // A model call means the turn went past its decided calls.
+                self.approvals_done();
                 metrics.llm_calls.inc();
                 metrics.llm_prompt_tokens.inc_by(usage.prompt_tokens);
                 metrics
@@ -1206,6 +1233,7 @@ impl SessionRun {
 
     /// Records the end of the turn in the transcript, status and Events.
     async fn end_turn(&mut self, conversation: &mut Conversation, outcome: TurnOutcome) {
+        self.approvals_done();
         let iterations = self.status.status.iterations;
         let (phase, reason, message) = match outcome {
             TurnOutcome::Completed { final_response } => {
