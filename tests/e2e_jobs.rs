@@ -215,7 +215,28 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    env.wait_for_phase("trainer", "Succeeded", 2 * MINUTE).await;
+    let done = env.wait_for_phase("trainer", "Succeeded", 2 * MINUTE).await;
+    // status.jobs mirrors what the agent saw, with the training metrics.
+    let jobs_seen = done.status.unwrap().jobs;
+    assert_eq!(jobs_seen.len(), 4, "{jobs_seen:#?}");
+    let states: Vec<&str> = jobs_seen.iter().map(|j| j.state.as_str()).collect();
+    assert_eq!(
+        states[..3],
+        ["Succeeded", "Failed", "DeadlineExceeded"],
+        "{jobs_seen:#?}"
+    );
+    let loss = &jobs_seen[0].metrics[0];
+    assert_eq!(
+        (loss.name.as_str(), loss.value.as_str(), loss.step),
+        ("loss", "0.0182", Some(300))
+    );
+    assert!(
+        jobs_seen[1]
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("exit code 3"))
+    );
+    assert_eq!(jobs_seen[0].flavor, "small");
     let requests = llm.requests();
     let table = tool_results(&requests[9].body).pop().unwrap();
     assert_eq!(table.matches("| trainer-job-").count(), 4, "{table}");

@@ -178,6 +178,49 @@ pub struct PendingApproval {
     pub expires_at: Time,
 }
 
+/// Most jobs kept in `status.jobs`, and metrics per job.
+pub const JOBS_MAX: usize = 20;
+pub const JOB_METRICS_MAX: usize = 20;
+
+/// A job the agent started, as the agent last looked at it.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobStatus {
+    /// Where it runs: `cluster` (a Kubernetes Job in the session's namespace).
+    pub backend: String,
+    /// The Job's name.
+    pub id: String,
+    /// The hardware preset.
+    pub flavor: String,
+    /// `Pending`, `Running`, `Succeeded`, `Failed`, `DeadlineExceeded` or `Cancelled`.
+    pub state: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When it started and finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// The latest value of each metric the job printed as `{"metric": …, "value": …}`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<JobMetric>,
+}
+
+/// One metric of a job.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobMetric {
+    /// Its name, e.g. `loss`.
+    pub name: String,
+    /// Its latest value, as printed.
+    pub value: String,
+    /// The step it was printed at, when the line said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i64>,
+}
+
 /// A decided request, kept in `status.approvalHistory`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -459,6 +502,10 @@ pub struct AgentSessionStatus {
     /// `argumentsDigest` to decide one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_approvals: Vec<PendingApproval>,
+
+    /// Jobs the agent started with `cluster_jobs`, as last seen (the latest 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobStatus>,
 
     /// `Budgeted` mode: the spending (USD) at which the loop pauses next.
     #[serde(default, skip_serializing_if = "Option::is_none")]

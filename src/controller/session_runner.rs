@@ -26,7 +26,8 @@ use crate::agent::prompt::system_prompt;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
 use crate::api::session::{
     APPROVAL_HISTORY_MAX, ApprovalMode, ApprovalRecord, BUDGET_REQUEST_TOOL,
-    DEFAULT_AUTO_APPROVE_USD, DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS,
+    DEFAULT_AUTO_APPROVE_USD, DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES, JOB_METRICS_MAX,
+    JOBS_MAX, JobMetric, JobStatus, PLAN_MAX_ITEMS,
 };
 use crate::api::{AgentApproval, ApprovalPhase};
 use crate::api::{
@@ -44,7 +45,7 @@ use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
 use crate::tools::bash::BASH_TOOL;
 use crate::tools::files::{EDIT_TOOL, READ_TOOL, WRITE_TOOL};
-use crate::tools::jobs::{CLUSTER_JOBS_TOOL, ClusterJobsTool};
+use crate::tools::jobs::{CLUSTER_JOBS_TOOL, ClusterJobsTool, JobObservation};
 use crate::tools::plan::PLAN_TOOL;
 use crate::tools::sandbox_create::{SANDBOX_CREATE_TOOL, SandboxCreateTool, chosen_hardware};
 use crate::tools::{BashTool, Files, PlanTool, ToolFailure, ToolRouter};
@@ -562,6 +563,7 @@ impl SessionRun {
 
         let model = self.model(&model_id);
         let (sandbox_tx, mut sandbox_rx) = mpsc::channel(8);
+        let (jobs_tx, mut jobs_rx) = mpsc::channel(32);
         let hardware = match self.hardware(&conversation.history) {
             Ok(h) => h,
             Err(message) => {
@@ -592,6 +594,7 @@ impl SessionRun {
             tools.register(Arc::new(ClusterJobsTool {
                 backend: Arc::new(jobs),
                 files: Some(sandbox.clone()),
+                observed: Some(jobs_tx),
             }));
         }
         let mut history = std::mem::take(&mut conversation.history);
@@ -636,6 +639,10 @@ impl SessionRun {
                         self.flush_status(&conversation.store).await;
                     }
                     Some(event) = sandbox_rx.recv() => self.on_sandbox_event(event).await,
+                    Some(seen) = jobs_rx.recv() => {
+                        self.on_job_observation(seen);
+                        self.flush_status(&conversation.store).await;
+                    }
                     Ok(()) = spec_rx.changed() => {
                         if spec_rx.borrow_and_update().spec.suspend {
                             turn_cancel.cancel();
@@ -647,6 +654,9 @@ impl SessionRun {
         };
         while let Ok(event) = events_rx.try_recv() {
             self.on_agent_event(event, &conversation.store).await;
+        }
+        while let Ok(seen) = jobs_rx.try_recv() {
+            self.on_job_observation(seen);
         }
         while let Ok(event) = sandbox_rx.try_recv() {
             self.on_sandbox_event(event).await;
@@ -1191,6 +1201,53 @@ impl SessionRun {
             self.status_dirty = false;
             self.status.apply_or_log().await;
         }
+    }
+
+    /// Keeps status.jobs current with what the agent saw of its jobs.
+    fn on_job_observation(&mut self, seen: JobObservation) {
+        let jobs = &mut self.status.status.jobs;
+        let id = match &seen {
+            JobObservation::State(info) => info.id.clone(),
+            JobObservation::Metrics { id, .. } => id.clone(),
+        };
+        let at = match jobs.iter().position(|j| j.id == id) {
+            Some(i) => i,
+            None => {
+                jobs.push(JobStatus {
+                    backend: "cluster".into(),
+                    id: id.clone(),
+                    ..Default::default()
+                });
+                let excess = jobs.len().saturating_sub(JOBS_MAX);
+                jobs.drain(..excess);
+                jobs.len() - 1
+            }
+        };
+        let job = &mut jobs[at];
+        match seen {
+            JobObservation::State(info) => {
+                job.flavor = info.flavor;
+                job.state = info.state;
+                job.message = info.message.map(|m| truncate_chars(&m, 300));
+                job.started_at = info.started_at;
+                job.finished_at = info.finished_at;
+            }
+            JobObservation::Metrics { metrics, .. } => {
+                for m in metrics {
+                    let entry = JobMetric {
+                        name: m.name,
+                        value: m.value,
+                        step: m.step,
+                    };
+                    match job.metrics.iter().position(|x| x.name == entry.name) {
+                        Some(i) => job.metrics[i] = entry,
+                        None if job.metrics.len() < JOB_METRICS_MAX => job.metrics.push(entry),
+                        None => {}
+                    }
+                }
+            }
+        }
+        self.status_dirty = true;
     }
 
     async fn on_sandbox_event(&mut self, event: SandboxEvent) {

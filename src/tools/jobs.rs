@@ -61,6 +61,55 @@ pub struct ClusterJobsTool {
     pub backend: Arc<dyn JobBackend>,
     /// Where a script named by path is read from.
     pub files: Option<Arc<dyn FileSystem>>,
+    /// Told what the tool learns about jobs (for the session's status).
+    pub observed: Option<tokio::sync::mpsc::Sender<JobObservation>>,
+}
+
+/// The latest value of a metric a job printed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Metric {
+    pub name: String,
+    pub value: String,
+    pub step: Option<i64>,
+}
+
+/// What the tool saw of a job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobObservation {
+    State(JobInfo),
+    Metrics { id: String, metrics: Vec<Metric> },
+}
+
+/// The latest value of each metric in `logs`: lines that are JSON objects with a `metric`
+/// name and a `value`, optionally a `step`.
+pub fn parse_metrics(logs: &str) -> Vec<Metric> {
+    let mut latest: Vec<Metric> = vec![];
+    for line in logs.lines() {
+        let line = line.trim();
+        if !line.starts_with('{') || !line.contains("\"metric\"") {
+            continue;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let (Some(name), Some(value)) = (v["metric"].as_str(), v.get("value")) else {
+            continue;
+        };
+        let value = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let metric = Metric {
+            name: crate::text::truncate_chars(name, 63),
+            value: crate::text::truncate_chars(&value, 63),
+            step: v["step"].as_i64(),
+        };
+        match latest.iter_mut().find(|m| m.name == metric.name) {
+            Some(m) => *m = metric,
+            None => latest.push(metric),
+        }
+    }
+    latest
 }
 
 #[derive(Deserialize)]
@@ -146,6 +195,24 @@ fn describe(job: &JobInfo) -> String {
 }
 
 impl ClusterJobsTool {
+    async fn tell(&self, observation: JobObservation) {
+        if let Some(tx) = &self.observed {
+            // Status bookkeeping only; the tool's answer does not depend on it.
+            let _ = tx.send(observation).await;
+        }
+    }
+
+    async fn tell_metrics(&self, id: &str, logs: &str) {
+        let metrics = parse_metrics(logs);
+        if !metrics.is_empty() {
+            self.tell(JobObservation::Metrics {
+                id: id.to_string(),
+                metrics,
+            })
+            .await;
+        }
+    }
+
     async fn command(&self, args: &Args) -> Result<Vec<String>, String> {
         match (&args.script, &args.command) {
             (Some(_), Some(_)) => Err("give either script or command, not both".into()),
@@ -279,6 +346,8 @@ impl Tool for ClusterJobsTool {
                             Err(e) => Err(e),
                             Ok(job) => {
                                 let logs = self.backend.logs(&job.id).await.unwrap_or_default();
+                                self.tell(JobObservation::State(job.clone())).await;
+                                self.tell_metrics(&job.id, &logs).await;
                                 let first: Vec<&str> = logs.lines().take(20).collect();
                                 Ok(format!(
                                     "Job submitted.\n{}\n\nFirst log lines:\n{}\n\nFollow it with operation=logs or inspect and job_id={}.",
@@ -295,7 +364,16 @@ impl Tool for ClusterJobsTool {
                     },
                 }
             }
-            "ps" => self.backend.list().await.map(|jobs| {
+            "ps" => match self.backend.list().await {
+                Err(e) => Err(e),
+                Ok(jobs) => {
+                    for j in &jobs {
+                        self.tell(JobObservation::State(j.clone())).await;
+                    }
+                    Ok(jobs)
+                }
+            }
+            .map(|jobs| {
                 if jobs.is_empty() {
                     return "No jobs.".to_string();
                 }
@@ -316,7 +394,14 @@ impl Tool for ClusterJobsTool {
             }),
             "logs" => match job_id() {
                 Err(e) => Err(e),
-                Ok(id) => self.backend.logs(&id).await.map(|logs| {
+                Ok(id) => match self.backend.logs(&id).await {
+                    Ok(logs) => {
+                        self.tell_metrics(&id, &logs).await;
+                        Ok(logs)
+                    }
+                    Err(e) => Err(e),
+                }
+                .map(|logs| {
                     let logs = super::bash::strip_ansi(&logs);
                     let total = logs.chars().count();
                     if total > LOGS_MAX_CHARS {
@@ -334,7 +419,13 @@ impl Tool for ClusterJobsTool {
             },
             "inspect" => match job_id() {
                 Err(e) => Err(e),
-                Ok(id) => self.backend.inspect(&id).await.map(|j| describe(&j)),
+                Ok(id) => match self.backend.inspect(&id).await {
+                    Ok(j) => {
+                        self.tell(JobObservation::State(j.clone())).await;
+                        Ok(describe(&j))
+                    }
+                    Err(e) => Err(e),
+                },
             },
             "cancel" => match job_id() {
                 Err(e) => Err(e),
@@ -373,6 +464,29 @@ mod tests {
         }
         assert!(parse_timeout(&json!("5w")).is_err());
         assert!(parse_timeout(&json!("soon")).is_err());
+    }
+
+    #[test]
+    fn the_latest_value_of_each_metric_is_kept() {
+        let logs = "loading\n{\"metric\": \"loss\", \"value\": 0.9, \"step\": 1}\n\
+                    {\"metric\": \"acc\", \"value\": \"71%\"}\nnot {json\n\
+                    {\"metric\": \"loss\", \"value\": 0.31, \"step\": 2}\n{\"other\": 1}\n";
+        let m = parse_metrics(logs);
+        assert_eq!(
+            m,
+            vec![
+                Metric {
+                    name: "loss".into(),
+                    value: "0.31".into(),
+                    step: Some(2)
+                },
+                Metric {
+                    name: "acc".into(),
+                    value: "71%".into(),
+                    step: None
+                },
+            ]
+        );
     }
 
     #[test]
