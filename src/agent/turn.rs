@@ -397,10 +397,11 @@ impl Turn<'_> {
         }
         let runs = decided.iter().map(|(id, tool, arguments, d)| async move {
             if !d.approved {
+                let rejected = approval::rejection_result(d);
                 let message = ChatMessage::Tool {
                     tool_call_id: id.clone(),
                     name: tool.clone(),
-                    content: approval::rejection_result(d),
+                    content: rejected.clone(),
                 };
                 self.journal.append(std::slice::from_ref(&message)).await?;
                 emit(
@@ -408,7 +409,7 @@ impl Turn<'_> {
                     AgentEvent::ToolOutput {
                         tool_call_id: id.clone(),
                         tool: tool.clone(),
-                        output: approval::rejection_result(d),
+                        output: rejected,
                         success: false,
                     },
                 )

@@ -255,6 +255,20 @@ pub fn standing(
     out
 }
 
+/// The AgentApprovals in `api`'s namespace that name session `name`.
+pub async fn for_session(
+    api: &kube::Api<AgentApproval>,
+    name: &str,
+) -> Result<Vec<AgentApproval>, kube::Error> {
+    Ok(api
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|a| a.spec.session_name == name)
+        .collect())
+}
+
 /// Records on an AgentApproval what became of it, and makes the session own it so it is
 /// garbage collected with the session.
 pub async fn mark_approval(

@@ -13,7 +13,7 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::approvals::standing;
+use super::approvals::{for_session, standing};
 use super::context::{Context, SessionEntry};
 use super::credentials::{CredentialError, resolve_model_access};
 use super::session_runner::run_session;
@@ -162,13 +162,7 @@ async fn approvals_due(
     };
     let api: Api<AgentApproval> = Api::namespaced(ctx.client.clone(), namespace);
     let name = session.name_any();
-    let approvals: Vec<AgentApproval> = api
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|a| a.spec.session_name == name)
-        .collect();
+    let approvals = for_session(&api, &name).await?;
     let policy = &session.spec.approval_policy;
     let now = k8s_openapi::jiff::Timestamp::now();
     let standing = standing(&status.pending_approvals, &approvals, policy, now);
@@ -284,9 +278,8 @@ async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action
     // Decisions the controller never got to own are not left behind either.
     let approvals: Api<AgentApproval> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = session.name_any();
-    for a in approvals.list(&Default::default()).await?.items {
-        if a.spec.session_name == name
-            && let Err(e) = approvals.delete(&a.name_any(), &Default::default()).await
+    for a in for_session(&approvals, &name).await? {
+        if let Err(e) = approvals.delete(&a.name_any(), &Default::default()).await
             && !matches!(&e, kube::Error::Api(s) if s.code == 404)
         {
             return Err(Error::Kube(e));

@@ -15,7 +15,7 @@ use kube::{Resource, ResourceExt};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::approvals::{PolicyGate, mark_approval, pending_entries, standing};
+use super::approvals::{PolicyGate, for_session, mark_approval, pending_entries, standing};
 use super::context::{Context, SessionEntry};
 use super::credentials::ModelAccess;
 use super::status::{StatusWriter, condition};
@@ -767,12 +767,8 @@ impl SessionRun {
         let namespace = self.session.namespace().unwrap_or_default();
         let api: Api<AgentApproval> = Api::namespaced(self.ctx.client.clone(), &namespace);
         let name = self.name();
-        let approvals: Vec<AgentApproval> = match api.list(&Default::default()).await {
-            Ok(list) => list
-                .items
-                .into_iter()
-                .filter(|a| a.spec.session_name == name)
-                .collect(),
+        let approvals = match for_session(&api, &name).await {
+            Ok(a) => a,
             Err(e) => {
                 tracing::warn!(session = %name, error = %e, "cannot list approvals");
                 return None;

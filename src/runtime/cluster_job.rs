@@ -50,6 +50,14 @@ fn labels(session: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// Selects a session's jobs, and their pods (which carry the same labels).
+fn jobs_selector(session: &str) -> String {
+    format!(
+        "{SESSION_LABEL}={},app.kubernetes.io/component=job",
+        label_value(session)
+    )
+}
+
 impl ClusterJobs {
     fn job_name(&self) -> String {
         let nanos = std::time::SystemTime::now()
@@ -179,7 +187,8 @@ impl ClusterJobs {
         }
     }
 
-    async fn info(&self, job: &Job) -> JobInfo {
+    /// `job` as the tool reports it; `pod` is its (latest) pod, if it has one.
+    fn info(job: &Job, pod: Option<&Pod>) -> JobInfo {
         let id = job.metadata.name.clone().unwrap_or_default();
         let flavor = job
             .metadata
@@ -193,9 +202,7 @@ impl ClusterJobs {
             .iter()
             .flatten()
             .find(|c| c.type_ == "Failed" && c.status == "True");
-        let pod = self.pod_of(&id).await;
         let container_state = pod
-            .as_ref()
             .and_then(|p| p.status.as_ref())
             .and_then(|s| s.container_statuses.as_ref())
             .and_then(|c| c.first())
@@ -232,7 +239,6 @@ impl ClusterJobs {
             }
         } else if status.active.unwrap_or(0) > 0
             && pod
-                .as_ref()
                 .and_then(|p| p.status.as_ref())
                 .and_then(|s| s.phase.as_deref())
                 == Some("Running")
@@ -277,40 +283,51 @@ impl JobBackend for ClusterJobs {
             .map_err(|e| format!("cannot create Job {name}: {}", kube_error_text(&e)))?;
         // A moment for the pod to start, so the first log lines can come back.
         for _ in 0..20 {
-            let info = self.info(&created).await;
-            let started = self
+            let phase = self
                 .pod_of(&name)
                 .await
-                .and_then(|p| p.status.and_then(|s| s.phase))
-                .is_some_and(|p| p != "Pending");
-            if started || info.state != "Pending" {
+                .and_then(|p| p.status.and_then(|s| s.phase));
+            if phase.is_some_and(|p| p != "Pending") {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(250)).await;
         }
         let current = self.jobs.get(&name).await.unwrap_or(created);
-        Ok(self.info(&current).await)
+        Ok(Self::info(&current, self.pod_of(&name).await.as_ref()))
     }
 
     async fn list(&self) -> Result<Vec<JobInfo>, String> {
         let jobs = self
             .jobs
-            .list(&ListParams::default().labels(&format!(
-                "{SESSION_LABEL}={},app.kubernetes.io/component=job",
-                label_value(&self.session)
-            )))
+            .list(&ListParams::default().labels(&jobs_selector(&self.session)))
             .await
             .map_err(|e| kube_error_text(&e))?;
-        let mut out = vec![];
-        for j in &jobs.items {
-            out.push(self.info(j).await);
-        }
-        Ok(out)
+        // One pod list for all of them, matched by the Job controller's `job-name` label.
+        let pods = self
+            .pods
+            .list(&ListParams::default().labels(&jobs_selector(&self.session)))
+            .await
+            .map_err(|e| kube_error_text(&e))?
+            .items;
+        Ok(jobs
+            .items
+            .iter()
+            .map(|j| {
+                let pod = pods
+                    .iter()
+                    .filter(|p| {
+                        p.metadata.labels.as_ref().and_then(|l| l.get("job-name"))
+                            == j.metadata.name.as_ref()
+                    })
+                    .max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
+                Self::info(j, pod)
+            })
+            .collect())
     }
 
     async fn inspect(&self, id: &str) -> Result<JobInfo, String> {
         let job = self.own_job(id).await?;
-        Ok(self.info(&job).await)
+        Ok(Self::info(&job, self.pod_of(id).await.as_ref()))
     }
 
     async fn logs(&self, id: &str) -> Result<String, String> {
@@ -360,10 +377,7 @@ pub async fn stop_attached_jobs(
     jobs: &Api<Job>,
     session: &str,
 ) -> Result<Vec<String>, kube::Error> {
-    let selector = format!(
-        "{SESSION_LABEL}={},app.kubernetes.io/component=job,!{DETACH_LABEL}",
-        label_value(session)
-    );
+    let selector = format!("{},!{DETACH_LABEL}", jobs_selector(session));
     let mut stopped = vec![];
     for job in jobs
         .list(&ListParams::default().labels(&selector))

@@ -30,8 +30,9 @@ const EXEC_WRAPPER: &str = "exec 2>&1; cd -- \"$1\" || exit 126; \
 const KILL_GROUP: &str = "p=$(cat -- \"$1\" 2>/dev/null) || exit 0; \
      kill -9 -- \"-$p\" 2>/dev/null || kill -9 \"$p\" 2>/dev/null; rm -f -- \"$1\"; exit 0";
 
-/// Scratch space of the controller's own in the sandbox (an emptyDir on /tmp).
-pub const SCRATCH_DIR: &str = "/tmp";
+/// Scratch space of the controller's own in the sandbox (an emptyDir); bash's saved
+/// outputs go there too.
+pub const SCRATCH_DIR: &str = crate::tools::bash::SPILL_DIR;
 
 /// Prints lines `$2..$3` of file `$1`, or all of it when `$2` is empty, at most `$4` bytes.
 /// Exit 3: missing; 4: a directory; 5: not readable; 8: binary (a NUL byte in its first

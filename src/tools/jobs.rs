@@ -213,6 +213,114 @@ impl ClusterJobsTool {
         }
     }
 
+    fn job_id(args: &Args) -> Result<String, String> {
+        args.job_id
+            .clone()
+            .filter(|j| !j.trim().is_empty())
+            .ok_or_else(|| format!("{} needs job_id", args.operation))
+    }
+
+    async fn run(&self, args: &Args) -> Result<String, String> {
+        let timeout_secs = match &args.timeout {
+            None => DEFAULT_TIMEOUT_SECS,
+            Some(v) => parse_timeout(v)?,
+        };
+        if timeout_secs > MAX_TIMEOUT_SECS {
+            return Err(format!("timeout is above the {MAX_TIMEOUT_SECS}s limit"));
+        }
+        let flavors = self.backend.flavors();
+        if let Some(f) = &args.hardware_flavor
+            && !flavors.is_empty()
+            && !flavors.iter().any(|(n, _)| n == f)
+        {
+            return Err(format!(
+                "unknown hardware_flavor {f:?}; choose one of: {}",
+                flavors
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let job = self
+            .backend
+            .run(JobRequest {
+                command: self.command(args).await?,
+                image: args.image.clone(),
+                flavor: args.hardware_flavor.clone(),
+                timeout_secs,
+                env: args.env.clone(),
+                detach: args.detach,
+            })
+            .await?;
+        let logs = self.backend.logs(&job.id).await.unwrap_or_default();
+        self.tell(JobObservation::State(job.clone())).await;
+        self.tell_metrics(&job.id, &logs).await;
+        let first: Vec<&str> = logs.lines().take(20).collect();
+        Ok(format!(
+            "Job submitted.\n{}\n\nFirst log lines:\n{}\n\nFollow it with operation=logs or inspect and job_id={}.",
+            describe(&job),
+            if first.is_empty() {
+                "(none yet)".to_string()
+            } else {
+                first.join("\n")
+            },
+            job.id
+        ))
+    }
+
+    async fn ps(&self) -> Result<String, String> {
+        let jobs = self.backend.list().await?;
+        if jobs.is_empty() {
+            return Ok("No jobs.".to_string());
+        }
+        let mut table =
+            "| JOB ID | FLAVOR | STATE | STARTED | FINISHED |\n|---|---|---|---|---|\n".to_string();
+        for j in jobs {
+            self.tell(JobObservation::State(j.clone())).await;
+            table.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                j.id,
+                j.flavor,
+                j.state,
+                j.started_at.unwrap_or_default(),
+                j.finished_at.unwrap_or_default()
+            ));
+        }
+        Ok(table)
+    }
+
+    async fn logs(&self, args: &Args) -> Result<String, String> {
+        let id = Self::job_id(args)?;
+        let logs = self.backend.logs(&id).await?;
+        self.tell_metrics(&id, &logs).await;
+        let logs = super::bash::strip_ansi(&logs);
+        let total = logs.chars().count();
+        Ok(if total > LOGS_MAX_CHARS {
+            let tail: String = logs.chars().skip(total - LOGS_MAX_CHARS).collect();
+            format!(
+                "[… {} earlier characters not shown]\n{tail}",
+                total - LOGS_MAX_CHARS
+            )
+        } else if logs.is_empty() {
+            "(no output yet)".into()
+        } else {
+            logs
+        })
+    }
+
+    async fn inspect(&self, args: &Args) -> Result<String, String> {
+        let job = self.backend.inspect(&Self::job_id(args)?).await?;
+        self.tell(JobObservation::State(job.clone())).await;
+        Ok(describe(&job))
+    }
+
+    async fn cancel(&self, args: &Args) -> Result<String, String> {
+        let id = Self::job_id(args)?;
+        self.backend.cancel(&id).await?;
+        Ok(format!("Job {id} cancelled."))
+    }
+
     async fn command(&self, args: &Args) -> Result<Vec<String>, String> {
         match (&args.script, &args.command) {
             (Some(_), Some(_)) => Err("give either script or command, not both".into()),
@@ -299,142 +407,12 @@ impl Tool for ClusterJobsTool {
                 )));
             }
         };
-        let job_id = || {
-            args.job_id
-                .clone()
-                .filter(|j| !j.trim().is_empty())
-                .ok_or_else(|| format!("{} needs job_id", args.operation))
-        };
-        let result: Result<String, String> = match args.operation.trim() {
-            "run" => {
-                let timeout = match &args.timeout {
-                    None => Ok(DEFAULT_TIMEOUT_SECS),
-                    Some(v) => parse_timeout(v),
-                };
-                let flavors = self.backend.flavors();
-                match (timeout, &args.hardware_flavor) {
-                    (Err(e), _) => Err(e),
-                    (Ok(_), Some(f))
-                        if !flavors.is_empty() && !flavors.iter().any(|(n, _)| n == f) =>
-                    {
-                        Err(format!(
-                            "unknown hardware_flavor {f:?}; choose one of: {}",
-                            flavors
-                                .iter()
-                                .map(|(n, _)| n.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ))
-                    }
-                    (Ok(t), _) if t > MAX_TIMEOUT_SECS => {
-                        Err(format!("timeout is above the {MAX_TIMEOUT_SECS}s limit"))
-                    }
-                    (Ok(timeout_secs), _) => match self.command(&args).await {
-                        Err(e) => Err(e),
-                        Ok(command) => match self
-                            .backend
-                            .run(JobRequest {
-                                command,
-                                image: args.image.clone(),
-                                flavor: args.hardware_flavor.clone(),
-                                timeout_secs,
-                                env: args.env.clone(),
-                                detach: args.detach,
-                            })
-                            .await
-                        {
-                            Err(e) => Err(e),
-                            Ok(job) => {
-                                let logs = self.backend.logs(&job.id).await.unwrap_or_default();
-                                self.tell(JobObservation::State(job.clone())).await;
-                                self.tell_metrics(&job.id, &logs).await;
-                                let first: Vec<&str> = logs.lines().take(20).collect();
-                                Ok(format!(
-                                    "Job submitted.\n{}\n\nFirst log lines:\n{}\n\nFollow it with operation=logs or inspect and job_id={}.",
-                                    describe(&job),
-                                    if first.is_empty() {
-                                        "(none yet)".to_string()
-                                    } else {
-                                        first.join("\n")
-                                    },
-                                    job.id
-                                ))
-                            }
-                        },
-                    },
-                }
-            }
-            "ps" => match self.backend.list().await {
-                Err(e) => Err(e),
-                Ok(jobs) => {
-                    for j in &jobs {
-                        self.tell(JobObservation::State(j.clone())).await;
-                    }
-                    Ok(jobs)
-                }
-            }
-            .map(|jobs| {
-                if jobs.is_empty() {
-                    return "No jobs.".to_string();
-                }
-                let mut table =
-                    "| JOB ID | FLAVOR | STATE | STARTED | FINISHED |\n|---|---|---|---|---|\n"
-                        .to_string();
-                for j in jobs {
-                    table.push_str(&format!(
-                        "| {} | {} | {} | {} | {} |\n",
-                        j.id,
-                        j.flavor,
-                        j.state,
-                        j.started_at.unwrap_or_default(),
-                        j.finished_at.unwrap_or_default()
-                    ));
-                }
-                table
-            }),
-            "logs" => match job_id() {
-                Err(e) => Err(e),
-                Ok(id) => match self.backend.logs(&id).await {
-                    Ok(logs) => {
-                        self.tell_metrics(&id, &logs).await;
-                        Ok(logs)
-                    }
-                    Err(e) => Err(e),
-                }
-                .map(|logs| {
-                    let logs = super::bash::strip_ansi(&logs);
-                    let total = logs.chars().count();
-                    if total > LOGS_MAX_CHARS {
-                        let tail: String = logs.chars().skip(total - LOGS_MAX_CHARS).collect();
-                        format!(
-                            "[… {} earlier characters not shown]\n{tail}",
-                            total - LOGS_MAX_CHARS
-                        )
-                    } else if logs.is_empty() {
-                        "(no output yet)".into()
-                    } else {
-                        logs
-                    }
-                }),
-            },
-            "inspect" => match job_id() {
-                Err(e) => Err(e),
-                Ok(id) => match self.backend.inspect(&id).await {
-                    Ok(j) => {
-                        self.tell(JobObservation::State(j.clone())).await;
-                        Ok(describe(&j))
-                    }
-                    Err(e) => Err(e),
-                },
-            },
-            "cancel" => match job_id() {
-                Err(e) => Err(e),
-                Ok(id) => self
-                    .backend
-                    .cancel(&id)
-                    .await
-                    .map(|()| format!("Job {id} cancelled.")),
-            },
+        let result = match args.operation.trim() {
+            "run" => self.run(&args).await,
+            "ps" => self.ps().await,
+            "logs" => self.logs(&args).await,
+            "inspect" => self.inspect(&args).await,
+            "cancel" => self.cancel(&args).await,
             other => Err(format!(
                 "unknown operation {other:?}; use run, ps, logs, inspect or cancel"
             )),
