@@ -26,6 +26,17 @@ pub fn http_client(timeout: Duration) -> reqwest::Client {
         .expect("HTTP client configuration is valid")
 }
 
+/// A client for long-lived streams: no overall deadline (readers time out each read).
+pub fn streaming_client() -> reqwest::Client {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .user_agent(concat!("ml-intern/", env!("CARGO_PKG_VERSION")))
+        .build()
+        // As in http_client.
+        .expect("HTTP client configuration is valid")
+}
+
 /// The cause chain of a reqwest error in one line ("error sending request: connection
 /// refused"), which reqwest's Display alone hides.
 pub fn describe_error(e: &reqwest::Error) -> String {

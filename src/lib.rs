@@ -7,6 +7,7 @@ pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod crdgen;
+pub mod hf;
 pub mod http;
 pub mod llm;
 pub mod redact;

@@ -85,6 +85,19 @@ struct ControllerArgs {
     /// which is built in and used when this is unset).
     #[arg(long)]
     sandbox_hardware: Option<PathBuf>,
+    /// The Hugging Face Hub for `hf_jobs` (a mirror, or a local server in tests).
+    #[arg(long, env = "HF_ENDPOINT", default_value = ml_intern::hf::DEFAULT_ENDPOINT)]
+    hf_endpoint: String,
+    /// Seconds between the controller's looks at a session's unfinished jobs (state,
+    /// metrics, cost).
+    #[arg(long, default_value_t = 30.0)]
+    job_follow_interval: f64,
+    /// Kueue LocalQueue for cluster jobs: sets their `kueue.x-k8s.io/queue-name` label.
+    #[arg(long)]
+    job_queue: Option<String>,
+    /// Seconds reading an HF job's logs waits for another line before returning.
+    #[arg(long, default_value_t = 5.0)]
+    hf_log_idle: f64,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
@@ -215,6 +228,10 @@ async fn run_controller(args: ControllerArgs) -> Result<(), Box<dyn std::error::
         llm_rate_limit_delays: rate_limit_delays,
         models: std::sync::Arc::new(models),
         sandbox_hardware: std::sync::Arc::new(hardware),
+        hf_endpoint: args.hf_endpoint,
+        job_follow_interval: seconds("--job-follow-interval", &[args.job_follow_interval])?[0],
+        job_queue: args.job_queue.filter(|q| !q.is_empty()),
+        hf_log_idle: seconds("--hf-log-idle", &[args.hf_log_idle])?[0],
         ..ControllerConfig::default()
     };
     let client = kube::Client::try_default()

@@ -5,10 +5,23 @@ use serde_json::Value;
 
 use super::ChatMessage;
 
+/// What the gate says of a call.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// It runs now; a cost estimate counts against later calls of the same batch.
+    Run { estimated_cost_usd: Option<f64> },
+    /// It waits for a human; `summary` is one line for the approver.
+    Ask {
+        summary: String,
+        estimated_cost_usd: Option<f64>,
+    },
+}
+
 /// Decides which calls need a human first, and knows the decisions already made.
 pub trait ApprovalGate: Send + Sync {
-    /// A one-line summary for the approver when `tool` with `arguments` must wait.
-    fn needs_approval(&self, tool: &str, arguments: &Value) -> Option<String>;
+    /// Whether `tool` with `arguments` may run now, the session having spent (or committed)
+    /// `spent_usd` so far.
+    fn review(&self, tool: &str, arguments: &Value, spent_usd: f64) -> Verdict;
     /// The decision on a call that waited, once there is one.
     fn decision(&self, tool_call_id: &str) -> Option<Decision>;
 }
@@ -17,8 +30,10 @@ pub trait ApprovalGate: Send + Sync {
 pub struct NoGate;
 
 impl ApprovalGate for NoGate {
-    fn needs_approval(&self, _: &str, _: &Value) -> Option<String> {
-        None
+    fn review(&self, _: &str, _: &Value, _: f64) -> Verdict {
+        Verdict::Run {
+            estimated_cost_usd: None,
+        }
     }
     fn decision(&self, _: &str) -> Option<Decision> {
         None
@@ -32,6 +47,8 @@ pub struct PendingCall {
     pub tool: String,
     pub arguments: Value,
     pub summary: String,
+    /// What running it would cost at most, when known.
+    pub estimated_cost_usd: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -1,5 +1,7 @@
 //! A session's spending limits (`spec.budget`) and what it has spent so far.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::llm::Usage;
 use crate::llm::catalog::Price;
 
@@ -26,6 +28,21 @@ impl Spend {
         if let Some(p) = price {
             self.usd += p.cost_usd(usage);
         }
+    }
+}
+
+/// Spending outside model calls (the session's jobs), kept current by whoever follows them
+/// while the turn runs; read at each budget check.
+#[derive(Debug, Default)]
+pub struct JobsSpend(AtomicU64);
+
+impl JobsSpend {
+    pub fn set(&self, usd: f64) {
+        self.0.store(usd.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
     }
 }
 

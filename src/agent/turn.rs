@@ -8,9 +8,9 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::approval::{self, ApprovalGate, PendingCall};
+use super::approval::{self, ApprovalGate, PendingCall, Verdict};
 pub use super::budget::Budget;
-use super::budget::Spend;
+use super::budget::{JobsSpend, Spend};
 use super::context::{self, ContextMeter};
 use super::journal::{Journal, JournalError};
 use super::{AgentEvent, ChatMessage, ToolCall, guards};
@@ -30,8 +30,10 @@ pub struct TurnConfig {
     /// The model's context window in tokens; compaction starts at 90% of it.
     pub context_window: u64,
     pub budget: Budget,
-    /// What the session spent before this turn.
+    /// What the session spent on model calls before this turn.
     pub spent: Spend,
+    /// What its jobs have cost so far, counted against the same limits.
+    pub jobs_spend: std::sync::Arc<JobsSpend>,
 }
 
 impl Default for TurnConfig {
@@ -43,6 +45,7 @@ impl Default for TurnConfig {
             context_window: 200_000,
             budget: Budget::default(),
             spent: Spend::default(),
+            jobs_spend: Default::default(),
         }
     }
 }
@@ -143,16 +146,17 @@ impl Turn<'_> {
             {
                 self.correct(history, warning).await;
             }
-            if let Some(message) = self.config.budget.exceeded(&spent) {
+            let all_spent = self.all_spent(&spent);
+            if let Some(message) = self.config.budget.exceeded(&all_spent) {
                 self.save(history, &mut saved).await.map_err(failed)?;
                 return Ok(TurnOutcome::BudgetExceeded { message });
             }
             if let Some(cap) = self.config.budget.pause_at_usd
-                && spent.usd >= cap
+                && all_spent.usd >= cap
             {
                 self.save(history, &mut saved).await.map_err(failed)?;
                 return Ok(TurnOutcome::BudgetPause {
-                    spent_usd: spent.usd,
+                    spent_usd: all_spent.usd,
                     cap_usd: cap,
                 });
             }
@@ -263,20 +267,30 @@ impl Turn<'_> {
                 )
                 .await;
             }
-            // Calls a human must approve wait; the others run now, as in ml-intern.
-            let pending: Vec<PendingCall> = calls
-                .iter()
-                .filter_map(|c| {
-                    let args = c.arguments.as_ref()?;
-                    let summary = self.gate.needs_approval(&c.stored.name, args)?;
-                    Some(PendingCall {
+            // Calls a human must approve wait; the others run now, as in ml-intern. Costs of
+            // calls allowed in this batch count against the ones after them.
+            let mut committed = self.all_spent(&spent).usd;
+            let mut pending: Vec<PendingCall> = vec![];
+            for c in &calls {
+                let Some(args) = c.arguments.as_ref() else {
+                    continue;
+                };
+                match self.gate.review(&c.stored.name, args, committed) {
+                    Verdict::Run { estimated_cost_usd } => {
+                        committed += estimated_cost_usd.unwrap_or(0.0);
+                    }
+                    Verdict::Ask {
+                        summary,
+                        estimated_cost_usd,
+                    } => pending.push(PendingCall {
                         tool_call_id: c.stored.id.clone(),
                         tool: c.stored.name.clone(),
                         arguments: args.clone(),
                         summary,
-                    })
-                })
-                .collect();
+                        estimated_cost_usd,
+                    }),
+                }
+            }
             let runs = calls
                 .iter()
                 .filter(|c| !pending.iter().any(|p| p.tool_call_id == c.stored.id))
@@ -306,6 +320,14 @@ impl Turn<'_> {
         }
         self.save(history, &mut saved).await.map_err(failed)?;
         Ok(TurnOutcome::MaxIterationsReached { iterations })
+    }
+
+    /// Model spending plus what the session's jobs have cost so far.
+    fn all_spent(&self, spent: &Spend) -> Spend {
+        Spend {
+            tokens: spent.tokens,
+            usd: spent.usd + self.config.jobs_spend.get(),
+        }
     }
 
     fn threshold(&self) -> u64 {
@@ -381,15 +403,25 @@ impl Turn<'_> {
             let arguments = serde_json::from_str::<Value>(&raw).unwrap_or(Value::Null);
             match self.gate.decision(&id) {
                 Some(d) => decided.push((id, tool, arguments, d)),
-                None => undecided.push(PendingCall {
-                    summary: self
-                        .gate
-                        .needs_approval(&tool, &arguments)
-                        .unwrap_or_else(|| format!("{tool} call")),
-                    tool_call_id: id,
-                    tool,
-                    arguments,
-                }),
+                None => {
+                    let (summary, estimated_cost_usd) =
+                        match self.gate.review(&tool, &arguments, f64::INFINITY) {
+                            Verdict::Ask {
+                                summary,
+                                estimated_cost_usd,
+                            } => (summary, estimated_cost_usd),
+                            Verdict::Run { estimated_cost_usd } => {
+                                (format!("{tool} call"), estimated_cost_usd)
+                            }
+                        };
+                    undecided.push(PendingCall {
+                        summary,
+                        tool_call_id: id,
+                        tool,
+                        arguments,
+                        estimated_cost_usd,
+                    })
+                }
             }
         }
         if !undecided.is_empty() {
@@ -1367,11 +1399,19 @@ mod approval_tests {
     struct Gate(HashMap<String, Decision>);
 
     impl ApprovalGate for Gate {
-        fn needs_approval(&self, tool: &str, arguments: &Value) -> Option<String> {
-            arguments["text"]
+        fn review(&self, tool: &str, arguments: &Value, _: f64) -> Verdict {
+            match arguments["text"]
                 .as_str()
                 .filter(|t| t.starts_with("costly"))
-                .map(|t| format!("{tool} {t}"))
+            {
+                Some(t) => Verdict::Ask {
+                    summary: format!("{tool} {t}"),
+                    estimated_cost_usd: None,
+                },
+                None => Verdict::Run {
+                    estimated_cost_usd: None,
+                },
+            }
         }
         fn decision(&self, id: &str) -> Option<Decision> {
             self.0.get(id).cloned()

@@ -7,8 +7,8 @@ pub use approval::{
     AgentApproval, AgentApprovalSpec, AgentApprovalStatus, ApprovalDecision, ApprovalPhase,
 };
 pub use session::{
-    AgentSession, AgentSessionSpec, AgentSessionStatus, BudgetSpec, ContextStatus, LlmApi, LlmSpec,
-    PlanEntry, SandboxSpec, SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage,
+    AgentSession, AgentSessionSpec, AgentSessionStatus, BudgetSpec, ContextStatus, HuggingFaceSpec,
+    LlmApi, LlmSpec, PlanEntry, SandboxSpec, SandboxStatus, SecretKeyRef, SessionPhase, TokenUsage,
     TranscriptStatus, WorkspaceSpec,
 };
 

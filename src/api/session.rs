@@ -67,7 +67,7 @@ pub struct AgentSessionSpec {
     pub llm: LlmSpec,
 
     /// The tools the agent may use, by name (`bash`, `read`, `write`, `edit`, `plan_tool`,
-    /// `sandbox_create`, `cluster_jobs`); all of them when empty. Small models do better
+    /// `sandbox_create`, `cluster_jobs`, `hf_jobs`); all of them when empty. Small models do better
     /// with fewer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tools: Vec<String>,
@@ -90,6 +90,25 @@ pub struct AgentSessionSpec {
     /// before the model call that would go past them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget: Option<BudgetSpec>,
+
+    /// Hugging Face access: the token the `hf_jobs` tool runs jobs with (and gives them as
+    /// `HF_TOKEN`). Without it the session has no `hf_jobs` tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugging_face: Option<HuggingFaceSpec>,
+}
+
+/// The session's Hugging Face account.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HuggingFaceSpec {
+    /// Secret key in the session's namespace holding a token allowed to run Jobs
+    /// (`hf_…`, write or fine-grained with the jobs scope).
+    pub token_secret_ref: SecretKeyRef,
+    /// User or organization that jobs run under and are billed to; the token's user when
+    /// unset. The model may pick another namespace the token can use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub namespace: Option<String>,
 }
 
 /// When tool calls wait for a human.
@@ -182,14 +201,31 @@ pub struct PendingApproval {
 pub const JOBS_MAX: usize = 20;
 pub const JOB_METRICS_MAX: usize = 20;
 
-/// A job the agent started, as the agent last looked at it.
+/// A job the agent started, followed by the controller until it ends.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobStatus {
-    /// Where it runs: `cluster` (a Kubernetes Job in the session's namespace).
+    /// Where it runs: `cluster` (a Kubernetes Job in the session's namespace) or
+    /// `huggingface` (Hugging Face Jobs).
     pub backend: String,
-    /// The Job's name.
+    /// The Job's name, or the HF job id.
     pub id: String,
+    /// The job's page (HF Jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The HF namespace it runs under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Started with `detach: true`: not stopped when the session is suspended, fails or is
+    /// deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
+    /// The flavor's price per hour, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usd_per_hour: Option<String>,
+    /// Cost so far: the price times the time it has been running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_cost_usd: Option<String>,
     /// The hardware preset.
     pub flavor: String,
     /// `Pending`, `Running`, `Succeeded`, `Failed`, `DeadlineExceeded` or `Cancelled`.
@@ -503,9 +539,19 @@ pub struct AgentSessionStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_approvals: Vec<PendingApproval>,
 
-    /// Jobs the agent started with `cluster_jobs`, as last seen (the latest 20).
+    /// Jobs the agent started with `cluster_jobs` and `hf_jobs`, followed by the controller
+    /// until they end (the latest 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<JobStatus>,
+
+    /// Estimated cost of the session's jobs so far (USD), finished ones included; it counts
+    /// towards `spec.budget.maxCostUsd` and the `Budgeted` cap with the model's cost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs_cost_usd: Option<String>,
+
+    /// Cost of jobs no longer listed in `jobs` (part of `jobsCostUsd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub earlier_jobs_cost_usd: Option<String>,
 
     /// `Budgeted` mode: the spending (USD) at which the loop pauses next.
     #[serde(default, skip_serializing_if = "Option::is_none")]

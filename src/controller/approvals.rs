@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::Value;
 
-use crate::agent::approval::{ApprovalGate, Decision, PendingCall, arguments_digest};
+use crate::agent::approval::{ApprovalGate, Decision, PendingCall, Verdict, arguments_digest};
 use crate::api::session::{
     ApprovalMode, ApprovalPolicy, ApprovalTimeoutAction, DEFAULT_APPROVAL_TIMEOUT_SECS,
     PendingApproval,
@@ -16,7 +16,9 @@ use crate::api::session::{
 use crate::api::{AgentApproval, ApprovalDecision, ApprovalPhase};
 use crate::runtime::hardware::HardwarePresets;
 use crate::text::truncate_bytes;
-use crate::tools::jobs::CLUSTER_JOBS_TOOL;
+use crate::tools::jobs::{
+    CLUSTER_JOBS_TOOL, DEFAULT_TIMEOUT_SECS, Flavor, HF_JOBS_TOOL, cost_ceiling_usd, parse_timeout,
+};
 use crate::tools::sandbox_create::SANDBOX_CREATE_TOOL;
 
 /// Longest arguments text shown in a pending request.
@@ -28,13 +30,44 @@ pub struct PolicyGate {
     pub presets: Arc<HardwarePresets>,
     /// By tool-call id.
     pub decisions: HashMap<String, Decision>,
+    /// The flavors each job tool offers (with prices where known), by tool name.
+    pub job_flavors: HashMap<&'static str, (Option<String>, Vec<Flavor>)>,
+    /// `Budgeted`: calls whose estimated cost fits under this (with what was spent) run
+    /// without asking.
+    pub auto_approve_cap_usd: Option<f64>,
 }
 
-impl ApprovalGate for PolicyGate {
-    fn needs_approval(&self, tool: &str, arguments: &Value) -> Option<String> {
-        if self.policy.mode == ApprovalMode::Auto {
+fn job_operation(arguments: &Value) -> String {
+    arguments["operation"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+impl PolicyGate {
+    /// The most a job run can cost: its flavor's price for its whole timeout.
+    fn estimate(&self, tool: &str, arguments: &Value) -> Option<f64> {
+        let (default, flavors) = self.job_flavors.get(tool)?;
+        if !matches!(job_operation(arguments).as_str(), "run" | "scheduled run") {
             return None;
         }
+        let flavor = flavor_argument(arguments).or(default.as_deref())?;
+        let price = flavors.iter().find(|f| f.name == flavor)?.usd_per_hour?;
+        let timeout = match arguments.get("timeout") {
+            None | Some(Value::Null) => DEFAULT_TIMEOUT_SECS,
+            Some(v) => parse_timeout(v).ok()?,
+        };
+        Some(cost_ceiling_usd(price, timeout))
+    }
+
+    /// Why the call needs a human under `Manual`, if it does.
+    fn gated(&self, tool: &str, arguments: &Value, cost: Option<f64>) -> Option<String> {
+        let cost_note = cost
+            .map(|c| format!(", estimated at most ${c:.2}"))
+            .unwrap_or_default();
         if tool == SANDBOX_CREATE_TOOL {
             let hardware = arguments["hardware"].as_str()?;
             let preset = self.presets.get(hardware).filter(|p| p.has_gpu())?;
@@ -43,18 +76,25 @@ impl ApprovalGate for PolicyGate {
                 preset.description
             ));
         }
-        if tool == CLUSTER_JOBS_TOOL
-            && arguments["operation"].as_str().map(str::trim) == Some("run")
-        {
-            let flavor = arguments["hardware_flavor"]
-                .as_str()
-                .or(arguments["flavor"].as_str())
-                .or(self.presets.default.as_deref());
+        let op = job_operation(arguments);
+        if tool == HF_JOBS_TOOL && op == "scheduled run" {
+            let schedule = arguments["schedule"].as_str().unwrap_or("?");
+            return Some(format!(
+                "schedule a Hugging Face job ({schedule}){cost_note} per run"
+            ));
+        }
+        if tool == HF_JOBS_TOOL && op == "run" {
+            let flavor =
+                flavor_argument(arguments).unwrap_or(crate::runtime::hf_job::DEFAULT_FLAVOR);
+            return Some(format!("run a Hugging Face job on {flavor}{cost_note}"));
+        }
+        if tool == CLUSTER_JOBS_TOOL && op == "run" {
+            let flavor = flavor_argument(arguments).or(self.presets.default.as_deref());
             if let Some(f) = flavor
                 && let Some(preset) = self.presets.get(f).filter(|p| p.has_gpu())
             {
                 return Some(format!(
-                    "run a cluster job on GPU flavor {f} ({})",
+                    "run a cluster job on GPU flavor {f} ({}){cost_note}",
                     preset.description
                 ));
             }
@@ -72,6 +112,44 @@ impl ApprovalGate for PolicyGate {
             ));
         }
         None
+    }
+}
+
+fn flavor_argument(arguments: &Value) -> Option<&str> {
+    ["hardware_flavor", "flavor", "hardware"]
+        .iter()
+        .find_map(|k| arguments[*k].as_str())
+}
+
+impl ApprovalGate for PolicyGate {
+    fn review(&self, tool: &str, arguments: &Value, spent_usd: f64) -> Verdict {
+        let estimated_cost_usd = self.estimate(tool, arguments);
+        let Some(summary) = self.gated(tool, arguments, estimated_cost_usd) else {
+            return Verdict::Run { estimated_cost_usd };
+        };
+        let ask = |summary: String| Verdict::Ask {
+            summary,
+            estimated_cost_usd,
+        };
+        match self.policy.mode {
+            ApprovalMode::Auto => Verdict::Run { estimated_cost_usd },
+            ApprovalMode::Manual => ask(summary),
+            // A schedule repeats without end: always a human's call.
+            ApprovalMode::Budgeted if job_operation(arguments) == "scheduled run" => ask(summary),
+            ApprovalMode::Budgeted => {
+                let cap = self.auto_approve_cap_usd.unwrap_or(0.0);
+                match estimated_cost_usd {
+                    Some(c) if spent_usd + c <= cap => Verdict::Run { estimated_cost_usd },
+                    Some(_) => ask(format!(
+                        "{summary}: more than the ${:.2} left under the auto-approval cap",
+                        (cap - spent_usd).max(0.0)
+                    )),
+                    None => ask(format!(
+                        "{summary}: no price is known, so it cannot be auto-approved"
+                    )),
+                }
+            }
+        }
     }
 
     fn decision(&self, tool_call_id: &str) -> Option<Decision> {
@@ -113,7 +191,7 @@ pub fn pending_entries(
             summary: redact(&p.summary),
             arguments: truncate_bytes(&redact(&p.arguments.to_string()), ARGUMENTS_MAX_BYTES),
             arguments_digest: arguments_digest(&p.arguments),
-            estimated_cost_usd: None,
+            estimated_cost_usd: p.estimated_cost_usd.map(|c| format!("{c:.2}")),
             requested_at: Time(now),
             expires_at: Time(expires),
         })
@@ -334,12 +412,14 @@ mod tests {
                 tool: "write".into(),
                 arguments: json!({"path": "x"}),
                 summary: "write: x".into(),
+                estimated_cost_usd: None,
             },
             PendingCall {
                 tool_call_id: "b".into(),
                 tool: "write".into(),
                 arguments: json!({"path": "y"}),
                 summary: "write: y".into(),
+                estimated_cost_usd: Some(1.5),
             },
         ];
         pending_entries(&calls, 7, policy, |s| s.to_string())
@@ -382,6 +462,13 @@ mod tests {
         assert!(!s.ready() && s.suspend_for_timeout(&policy));
     }
 
+    fn asks(v: Verdict) -> Option<String> {
+        match v {
+            Verdict::Ask { summary, .. } => Some(summary),
+            Verdict::Run { .. } => None,
+        }
+    }
+
     #[test]
     fn the_policy_gates_gpu_sandboxes_and_named_tools_unless_auto() {
         let mut gate = PolicyGate {
@@ -391,28 +478,77 @@ mod tests {
             },
             presets: Arc::new(HardwarePresets::builtin()),
             decisions: HashMap::new(),
+            job_flavors: HashMap::new(),
+            auto_approve_cap_usd: None,
         };
+        let review = |g: &PolicyGate, tool: &str, args: Value| asks(g.review(tool, &args, 0.0));
         assert!(
-            gate.needs_approval(SANDBOX_CREATE_TOOL, &json!({"hardware": "gpu-small"}))
+            review(&gate, SANDBOX_CREATE_TOOL, json!({"hardware": "gpu-small"}))
                 .is_some_and(|s| s.contains("gpu-small"))
         );
-        assert!(
-            gate.needs_approval(SANDBOX_CREATE_TOOL, &json!({"hardware": "cpu-basic"}))
-                .is_none()
-        );
+        assert!(review(&gate, SANDBOX_CREATE_TOOL, json!({"hardware": "cpu-basic"})).is_none());
         assert_eq!(
-            gate.needs_approval("write", &json!({"path": "/workspace/a"}))
-                .as_deref(),
+            review(&gate, "write", json!({"path": "/workspace/a"})).as_deref(),
             Some("write: /workspace/a")
         );
-        assert!(
-            gate.needs_approval("bash", &json!({"command": "ls"}))
-                .is_none()
-        );
+        assert!(review(&gate, "bash", json!({"command": "ls"})).is_none());
         gate.policy.mode = ApprovalMode::Auto;
-        assert!(
-            gate.needs_approval("write", &json!({"path": "a"}))
-                .is_none()
+        assert!(review(&gate, "write", json!({"path": "a"})).is_none());
+    }
+
+    #[test]
+    fn job_runs_carry_their_cost_ceiling_and_budgeted_mode_runs_what_fits() {
+        let flavors = vec![
+            Flavor {
+                name: "cpu-basic".into(),
+                usd_per_hour: Some(0.01),
+                ..Default::default()
+            },
+            Flavor {
+                name: "a100-large".into(),
+                usd_per_hour: Some(2.5),
+                accelerated: true,
+                ..Default::default()
+            },
+        ];
+        let mut gate = PolicyGate {
+            policy: ApprovalPolicy::default(),
+            presets: Arc::new(HardwarePresets::builtin()),
+            decisions: HashMap::new(),
+            job_flavors: HashMap::from([(HF_JOBS_TOOL, (Some("cpu-basic".into()), flavors))]),
+            auto_approve_cap_usd: Some(5.0),
+        };
+        let a100 = json!({"operation": "run", "script": "x", "hardware_flavor": "a100-large", "timeout": "90m"});
+        match gate.review(HF_JOBS_TOOL, &a100, 0.0) {
+            Verdict::Ask {
+                summary,
+                estimated_cost_usd,
+            } => {
+                assert_eq!(estimated_cost_usd, Some(3.75));
+                assert!(
+                    summary.contains("a100-large") && summary.contains("$3.75"),
+                    "{summary}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let ps = json!({"operation": "ps"});
+        assert!(asks(gate.review(HF_JOBS_TOOL, &ps, 0.0)).is_none());
+        gate.policy.mode = ApprovalMode::Budgeted;
+        assert_eq!(
+            gate.review(HF_JOBS_TOOL, &a100, 1.0),
+            Verdict::Run {
+                estimated_cost_usd: Some(3.75)
+            }
         );
+        assert!(
+            asks(gate.review(HF_JOBS_TOOL, &a100, 1.5)).is_some_and(|s| s.contains("$3.50 left"))
+        );
+        let unknown = json!({"operation": "run", "script": "x", "hardware_flavor": "h200"});
+        assert!(
+            asks(gate.review(HF_JOBS_TOOL, &unknown, 0.0)).is_some_and(|s| s.contains("no price"))
+        );
+        let scheduled = json!({"operation": "scheduled run", "script": "x", "schedule": "@daily"});
+        assert!(asks(gate.review(HF_JOBS_TOOL, &scheduled, 0.0)).is_some());
     }
 }

@@ -42,6 +42,14 @@ pub struct ControllerConfig {
     pub sandbox_hardware: Arc<crate::runtime::hardware::HardwarePresets>,
     /// How often a session waiting for a Secret looks again.
     pub pending_recheck: Duration,
+    /// The Hugging Face Hub the `hf_jobs` tool talks to (`HF_ENDPOINT`).
+    pub hf_endpoint: String,
+    /// How often the controller looks at a session's unfinished jobs.
+    pub job_follow_interval: Duration,
+    /// Kueue LocalQueue that cluster jobs are submitted to (`kueue.x-k8s.io/queue-name`).
+    pub job_queue: Option<String>,
+    /// How long reading an HF job's logs waits for a line before returning what it has.
+    pub hf_log_idle: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -58,6 +66,10 @@ impl Default for ControllerConfig {
             models: Arc::new(ModelCatalog::builtin()),
             sandbox_hardware: Arc::new(crate::runtime::hardware::HardwarePresets::builtin()),
             pending_recheck: Duration::from_secs(10),
+            hf_endpoint: crate::hf::DEFAULT_ENDPOINT.into(),
+            job_follow_interval: Duration::from_secs(30),
+            job_queue: None,
+            hf_log_idle: Duration::from_secs(5),
         }
     }
 }
@@ -84,6 +96,9 @@ pub struct Context {
     pub ready: Arc<AtomicBool>,
     pub sessions: Mutex<HashMap<String, SessionEntry>>,
     pub slots: Arc<Semaphore>,
+    /// When reconcile last looked at each session's jobs (by uid): its own status writes
+    /// trigger reconciles, which must not turn following into a busy loop.
+    pub job_looks: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 impl Context {
@@ -100,6 +115,7 @@ impl Context {
             metrics: Arc::new(Metrics::default()),
             ready: Arc::new(AtomicBool::new(false)),
             sessions: Mutex::new(HashMap::new()),
+            job_looks: Mutex::new(HashMap::new()),
         }
     }
 

@@ -141,6 +141,25 @@ pub async fn resolve_model_access(
     Ok(access)
 }
 
+/// The session's Hugging Face token (`spec.huggingFace.tokenSecretRef`), if it has one.
+pub async fn resolve_hf_token(
+    client: &kube::Client,
+    spec: &AgentSessionSpec,
+    namespace: &str,
+) -> Result<Option<String>, CredentialError> {
+    let Some(hf) = &spec.hugging_face else {
+        return Ok(None);
+    };
+    let r = &hf.token_secret_ref;
+    let place = (
+        "spec.huggingFace.tokenSecretRef",
+        namespace,
+        r.name.as_str(),
+        r.key.as_str(),
+    );
+    read_key(client, place).await.map(Some)
+}
+
 async fn read_key(
     client: &kube::Client,
     (named_by, namespace, name, key): SecretPlace<'_>,

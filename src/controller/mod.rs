@@ -4,6 +4,7 @@
 pub mod approvals;
 pub mod context;
 pub mod credentials;
+pub mod job_follower;
 pub mod reconcile;
 pub mod session_runner;
 pub mod status;

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::approvals::{for_session, standing};
 use super::context::{Context, SessionEntry};
-use super::credentials::{CredentialError, resolve_model_access};
+use super::credentials::{CredentialError, resolve_hf_token, resolve_model_access};
+use super::job_follower::{self, JobBackends};
 use super::session_runner::run_session;
 use super::status::{StatusWriter, condition};
 use super::{Error, FINALIZER};
@@ -93,10 +94,11 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
         }
     };
     if runner_done {
+        let follow = follow_jobs(&session, &ctx).await;
         return Ok(sooner(
             &session,
             expire_sandbox(&session, &ctx).await?,
-            approval_wake,
+            earliest(approval_wake, follow),
         ));
     }
     let settled = match phase {
@@ -117,14 +119,23 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
             let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
             SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
         }
+        let follow = follow_jobs(&session, &ctx).await;
         return Ok(sooner(
             &session,
             expire_sandbox(&session, &ctx).await?,
-            approval_wake,
+            earliest(approval_wake, follow),
         ));
     }
 
     let api: Api<AgentSession> = Api::namespaced(ctx.client.clone(), &namespace);
+    let hf_token = match resolve_hf_token(&ctx.client, &session.spec, &namespace).await {
+        Ok(token) => token,
+        Err(CredentialError::Api { source, .. }) => return Err(Error::Kube(source)),
+        Err(e) => {
+            wait_for_credentials(&session, &ctx, api, &e).await?;
+            return Ok(Action::requeue(ctx.config.pending_recheck));
+        }
+    };
     let access = match resolve_model_access(
         &ctx.client,
         &session.spec,
@@ -144,7 +155,13 @@ async fn apply(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, 
     let cancel = CancellationToken::new();
     let (spec, spec_rx) = watch::channel(session.clone());
     if let Ok(mut sessions) = ctx.sessions.lock() {
-        let task = tokio::spawn(run_session(ctx.clone(), access, cancel.clone(), spec_rx));
+        let task = tokio::spawn(run_session(
+            ctx.clone(),
+            access,
+            hf_token,
+            cancel.clone(),
+            spec_rx,
+        ));
         sessions.insert(uid, SessionEntry::Active { cancel, task, spec });
     }
     Ok(Action::await_change())
@@ -174,6 +191,96 @@ async fn approvals_due(
         Duration::from_millis(left.as_millis().max(0) as u64 + 500)
     });
     Ok((due, wake))
+}
+
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// While no runner works on the session, reconcile follows its unfinished jobs (state,
+/// metrics, cost), stops those that should not be running (a suspended or failed session,
+/// or one whose jobs took it past `spec.budget.maxCostUsd`), and comes back after the
+/// follow interval while any is left.
+async fn follow_jobs(session: &AgentSession, ctx: &Context) -> Option<Duration> {
+    let status = session.status.as_ref()?;
+    if !job_follower::any_unfinished(status) {
+        return None;
+    }
+    let namespace = session.namespace()?;
+    let uid = session.uid()?;
+    let interval = ctx.config.job_follow_interval;
+    if let Ok(mut looks) = ctx.job_looks.lock() {
+        let now = std::time::Instant::now();
+        if let Some(last) = looks.get(&uid)
+            && now.duration_since(*last) < interval
+        {
+            return Some(interval - now.duration_since(*last));
+        }
+        looks.insert(uid.clone(), now);
+    }
+    // Without its token (the Secret went away) the HF jobs cannot be looked at; the
+    // cluster ones still can.
+    let hf_token = resolve_hf_token(&ctx.client, &session.spec, &namespace)
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(session = %session.name_any(), error = %e, "cannot follow HF jobs");
+            None
+        });
+    let backends = JobBackends::for_session(ctx, session, hf_token.as_deref());
+    let api = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut writer = StatusWriter::new(api, session);
+    let mut changed = job_follower::follow(&mut writer.status, &backends).await;
+    let model_usd: f64 = status
+        .usage
+        .as_ref()
+        .and_then(|u| u.estimated_cost_usd.as_deref())
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0.0);
+    let max_usd = session
+        .spec
+        .budget
+        .as_ref()
+        .and_then(|b| b.max_cost_usd.as_deref())
+        .and_then(|m| m.parse::<f64>().ok());
+    let spent = model_usd + job_follower::jobs_cost(&writer.status);
+    let why = if session.spec.suspend {
+        Some("the session is suspended".to_string())
+    } else if status.phase == Some(SessionPhase::Failed) {
+        Some("the session's turn failed".to_string())
+    } else {
+        max_usd.filter(|m| spent >= *m).map(|m| {
+            format!(
+                "the session's estimated spending ${spent:.4} reached spec.budget.maxCostUsd (${m})"
+            )
+        })
+    };
+    if let Some(why) = why {
+        let stopped = job_follower::stop_attached(&mut writer.status, &backends).await;
+        if !stopped.is_empty() {
+            changed = true;
+            ctx.publish(
+                &session.object_ref(&()),
+                EventType::Warning,
+                "JobsStopped",
+                format!("{why}: stopped running jobs {}", stopped.join(", ")),
+            )
+            .await;
+        }
+    }
+    if changed {
+        writer.apply_or_log().await;
+    }
+    if job_follower::any_unfinished(&writer.status) {
+        Some(interval)
+    } else {
+        if let Ok(mut looks) = ctx.job_looks.lock() {
+            looks.remove(&uid);
+        }
+        None
+    }
 }
 
 /// `action` (from `expire_sandbox`), or a requeue at `wake` when that comes first.
@@ -261,6 +368,9 @@ async fn wait_for_credentials(
 async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, Error> {
     let uid = session.uid().unwrap_or_default();
     let entry = ctx.sessions.lock().ok().and_then(|mut s| s.remove(&uid));
+    if let Ok(mut looks) = ctx.job_looks.lock() {
+        looks.remove(&uid);
+    }
     if let Some(SessionEntry::Active { cancel, task, .. }) = entry {
         cancel.cancel();
         if tokio::time::timeout(Duration::from_secs(30), task)
@@ -275,6 +385,23 @@ async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action
         .ok_or(Error::MissingField("namespace"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
+    // Cluster jobs go with the session (owner references); HF jobs are cancelled here.
+    if let Some(mut status) = session.status.clone()
+        && job_follower::any_unfinished(&status)
+    {
+        match resolve_hf_token(&ctx.client, &session.spec, &namespace).await {
+            Ok(token) => {
+                let backends = JobBackends::for_session(&ctx, &session, token.as_deref());
+                let stopped = job_follower::stop_attached(&mut status, &backends).await;
+                if !stopped.is_empty() {
+                    tracing::info!(session = %session.name_any(), jobs = %stopped.join(", "), "session deleted: jobs cancelled");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(session = %session.name_any(), error = %e, "session deleted but its HF jobs could not be cancelled")
+            }
+        }
+    }
     // Decisions the controller never got to own are not left behind either.
     let approvals: Api<AgentApproval> = Api::namespaced(ctx.client.clone(), &namespace);
     let name = session.name_any();

@@ -18,16 +18,16 @@ use tokio_util::sync::CancellationToken;
 use super::approvals::{PolicyGate, for_session, mark_approval, pending_entries, standing};
 use super::context::{Context, SessionEntry};
 use super::credentials::ModelAccess;
+use super::job_follower::{self, JobBackends};
 use super::status::{StatusWriter, condition};
 use crate::agent::approval::{self, Decision, PendingCall};
-use crate::agent::budget::{Budget, Spend};
+use crate::agent::budget::{Budget, JobsSpend, Spend};
 use crate::agent::guards;
 use crate::agent::prompt::system_prompt;
 use crate::agent::{AgentEvent, ChatMessage, Turn, TurnConfig, TurnFailure, TurnOutcome};
 use crate::api::session::{
     APPROVAL_HISTORY_MAX, ApprovalMode, ApprovalRecord, BUDGET_REQUEST_TOOL,
-    DEFAULT_AUTO_APPROVE_USD, DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES, JOB_METRICS_MAX,
-    JOBS_MAX, JobMetric, JobStatus, PLAN_MAX_ITEMS,
+    DEFAULT_AUTO_APPROVE_USD, DEFAULT_IDLE_TIMEOUT_SECS, FINAL_RESPONSE_MAX_BYTES, PLAN_MAX_ITEMS,
 };
 use crate::api::{AgentApproval, ApprovalPhase};
 use crate::api::{
@@ -37,7 +37,7 @@ use crate::api::{
 use crate::llm::catalog::Price;
 use crate::llm::{ChatModel, ModelSettings, client_for};
 use crate::redact::Redactor;
-use crate::runtime::cluster_job::{ClusterJobs, stop_attached_jobs};
+use crate::runtime::cluster_job::stop_attached_jobs;
 use crate::runtime::hardware::PodHardware;
 use crate::runtime::sandbox_template::{sandbox_network_policy, sandbox_pod};
 use crate::runtime::{SandboxEvent, SandboxPod, SandboxSettings, sandbox_pod_name};
@@ -45,13 +45,13 @@ use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
 use crate::tools::bash::BASH_TOOL;
 use crate::tools::files::{EDIT_TOOL, READ_TOOL, WRITE_TOOL};
-use crate::tools::jobs::{CLUSTER_JOBS_TOOL, ClusterJobsTool, JobObservation};
+use crate::tools::jobs::{CLUSTER_JOBS_TOOL, HF_JOBS_TOOL, JobObservation, JobsTool};
 use crate::tools::plan::PLAN_TOOL;
 use crate::tools::sandbox_create::{SANDBOX_CREATE_TOOL, SandboxCreateTool, chosen_hardware};
 use crate::tools::{BashTool, Files, PlanTool, ToolFailure, ToolRouter};
 
 /// Every tool a session can have (`spec.tools` picks among them).
-const ALL_TOOLS: [&str; 7] = [
+const ALL_TOOLS: [&str; 8] = [
     BASH_TOOL,
     READ_TOOL,
     WRITE_TOOL,
@@ -59,18 +59,20 @@ const ALL_TOOLS: [&str; 7] = [
     PLAN_TOOL,
     SANDBOX_CREATE_TOOL,
     CLUSTER_JOBS_TOOL,
+    HF_JOBS_TOOL,
 ];
 
 /// Runs the session until it has nothing left to do, then marks it finished in the context.
 pub async fn run_session(
     ctx: Arc<Context>,
     access: ModelAccess,
+    hf_token: Option<String>,
     cancel: CancellationToken,
     spec: watch::Receiver<Arc<AgentSession>>,
 ) {
     let session = spec.borrow().clone();
     let name = session.name_any();
-    let mut run = SessionRun::new(ctx, &session, access, spec);
+    let mut run = SessionRun::new(ctx, &session, access, hf_token, spec);
     run.execute(&cancel).await;
     tracing::info!(session = %name, "session runner stopped");
 }
@@ -133,6 +135,12 @@ struct SessionRun {
     spend: Spend,
     /// A budget pause was rejected: the open turn ends with this.
     budget_refused: Option<String>,
+    /// Where the session's jobs run (Hugging Face only with a token).
+    jobs: JobBackends,
+    /// The jobs' cost so far, which the turn counts against the budget.
+    jobs_spend: Arc<JobsSpend>,
+    /// A look at the unfinished jobs is under way.
+    following: bool,
 }
 
 /// The conversation as the runner keeps it between turns.
@@ -159,19 +167,27 @@ impl SessionRun {
         ctx: Arc<Context>,
         session: &Arc<AgentSession>,
         access: ModelAccess,
+        hf_token: Option<String>,
         spec_rx: watch::Receiver<Arc<AgentSession>>,
     ) -> Self {
         let namespace = session.namespace().unwrap_or_default();
         let api = Api::namespaced(ctx.client.clone(), &namespace);
+        let jobs = JobBackends::for_session(&ctx, session, hf_token.as_deref());
+        let status = StatusWriter::new(api, session);
+        let jobs_spend = Arc::new(JobsSpend::default());
+        jobs_spend.set(job_follower::jobs_cost(&status.status));
         SessionRun {
+            jobs,
+            jobs_spend,
+            following: false,
             pods: Api::namespaced(ctx.client.clone(), &namespace),
             configmaps: Api::namespaced(ctx.client.clone(), &namespace),
-            status: StatusWriter::new(api, session),
+            status,
             status_dirty: false,
             object: session.object_ref(&()),
             session: session.clone(),
             spec_rx,
-            redactor: Redactor::new(access.api_key.clone()),
+            redactor: Redactor::new(access.api_key.clone().into_iter().chain(hf_token)),
             access,
             ctx,
             permit: None,
@@ -466,23 +482,6 @@ impl SessionRun {
         Some((pod, switch))
     }
 
-    /// Jobs beside the sandbox, made like it (image, env, hardening).
-    fn cluster_jobs(&self) -> Option<ClusterJobs> {
-        let namespace = self.session.namespace()?;
-        Some(ClusterJobs {
-            jobs: Api::namespaced(self.ctx.client.clone(), &namespace),
-            pods: self.pods.clone(),
-            session: self.name(),
-            namespace,
-            owner: self.session.controller_owner_ref(&())?,
-            presets: self.ctx.config.sandbox_hardware.clone(),
-            base: SandboxSettings::from_spec(
-                &self.session.spec.sandbox,
-                &self.ctx.config.default_sandbox_image,
-            ),
-        })
-    }
-
     /// The preset the sandbox runs on: the agent's last switch, else the spec's, else the
     /// controller's default. Err names a preset that is not configured.
     fn hardware(&self, history: &[ChatMessage]) -> Result<Option<String>, String> {
@@ -590,11 +589,26 @@ impl SessionRun {
         if !self.ctx.config.sandbox_hardware.presets.is_empty() {
             tools.register(Arc::new(SandboxCreateTool(hardware_switch)));
         }
-        if let Some(jobs) = self.cluster_jobs() {
-            tools.register(Arc::new(ClusterJobsTool {
-                backend: Arc::new(jobs),
+        // Flavors (and prices) are looked up once per turn, for the tools and the gate.
+        let mut job_flavors = HashMap::new();
+        for (name, backend) in [
+            (CLUSTER_JOBS_TOOL, self.jobs.cluster.clone()),
+            (HF_JOBS_TOOL, self.jobs.huggingface.clone()),
+        ] {
+            let Some(backend) = backend else { continue };
+            match backend.flavors().await {
+                Ok(flavors) => {
+                    job_flavors.insert(name, (backend.default_flavor(), flavors));
+                }
+                Err(e) => {
+                    tracing::warn!(session = %name, error = %e, "no flavor list; job costs unknown")
+                }
+            }
+            tools.register(Arc::new(JobsTool {
+                name,
+                backend,
                 files: Some(sandbox.clone()),
-                observed: Some(jobs_tx),
+                observed: Some(jobs_tx.clone()),
             }));
         }
         let mut history = std::mem::take(&mut conversation.history);
@@ -613,7 +627,11 @@ impl SessionRun {
             policy: self.session.spec.approval_policy.clone(),
             presets: self.ctx.config.sandbox_hardware.clone(),
             decisions,
+            job_flavors,
+            auto_approve_cap_usd: Some(self.auto_approval_cap()),
         };
+        let mut follow_tick = tokio::time::interval(self.ctx.config.job_follow_interval);
+        follow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = {
             let turn = Turn {
                 model: model.as_ref(),
@@ -641,8 +659,12 @@ impl SessionRun {
                     Some(event) = sandbox_rx.recv() => self.on_sandbox_event(event).await,
                     Some(seen) = jobs_rx.recv() => {
                         self.on_job_observation(seen);
+                        while let Ok(seen) = jobs_rx.try_recv() {
+                            self.on_job_observation(seen);
+                        }
                         self.flush_status(&conversation.store).await;
                     }
+                    _ = follow_tick.tick() => self.look_at_jobs(&jobs_tx),
                     Ok(()) = spec_rx.changed() => {
                         if spec_rx.borrow_and_update().spec.suspend {
                             turn_cancel.cancel();
@@ -698,6 +720,7 @@ impl SessionRun {
                 summary: format!(
                     "the session spent an estimated ${spent_usd:.4}, reaching its auto-approval cap of ${cap_usd:.2}; approve to allow ${step:.2} more"
                 ),
+                estimated_cost_usd: Some(step),
             };
             self.park_for_approval(conversation, &[request]).await;
             return TurnEnd::Parked;
@@ -991,6 +1014,7 @@ impl SessionRun {
                 price: info.price,
             },
             spent: self.spend,
+            jobs_spend: self.jobs_spend.clone(),
         })
     }
 
@@ -1199,51 +1223,66 @@ impl SessionRun {
         }
     }
 
-    /// Keeps status.jobs current with what the agent saw of its jobs.
+    /// Keeps status.jobs current with what the tools and the follower saw of the jobs.
     fn on_job_observation(&mut self, seen: JobObservation) {
-        let jobs = &mut self.status.status.jobs;
-        let id = match &seen {
-            JobObservation::State(info) => info.id.clone(),
-            JobObservation::Metrics { id, .. } => id.clone(),
-        };
-        let at = match jobs.iter().position(|j| j.id == id) {
-            Some(i) => i,
-            None => {
-                jobs.push(JobStatus {
-                    backend: "cluster".into(),
-                    id: id.clone(),
-                    ..Default::default()
-                });
-                let excess = jobs.len().saturating_sub(JOBS_MAX);
-                jobs.drain(..excess);
-                jobs.len() - 1
-            }
-        };
-        let job = &mut jobs[at];
-        match seen {
-            JobObservation::State(info) => {
-                job.flavor = info.flavor;
-                job.state = info.state;
-                job.message = info.message.map(|m| truncate_chars(&m, 300));
-                job.started_at = info.started_at;
-                job.finished_at = info.finished_at;
-            }
-            JobObservation::Metrics { metrics, .. } => {
-                for m in metrics {
-                    let entry = JobMetric {
-                        name: m.name,
-                        value: m.value,
-                        step: m.step,
-                    };
-                    match job.metrics.iter().position(|x| x.name == entry.name) {
-                        Some(i) => job.metrics[i] = entry,
-                        None if job.metrics.len() < JOB_METRICS_MAX => job.metrics.push(entry),
-                        None => {}
-                    }
+        if seen == JobObservation::LookDone {
+            self.following = false;
+            return;
+        }
+        job_follower::record(&mut self.status.status, seen);
+        self.jobs_spend
+            .set(job_follower::jobs_cost(&self.status.status));
+        self.status_dirty = true;
+    }
+
+    /// Starts a look at the unfinished jobs, whose findings come back as observations, so
+    /// the turn is not held up by slow platforms.
+    fn look_at_jobs(&mut self, observed: &mpsc::Sender<JobObservation>) {
+        let targets = job_follower::unfinished(&self.status.status);
+        if self.following || targets.is_empty() {
+            return;
+        }
+        self.following = true;
+        let (backends, observed) = (self.jobs.clone(), observed.clone());
+        tokio::spawn(async move {
+            for seen in job_follower::look(&targets, &backends).await {
+                if observed.send(seen).await.is_err() {
+                    return;
                 }
             }
+            let _ = observed.send(JobObservation::LookDone).await;
+        });
+    }
+
+    /// Cancels the jobs that should not outlive what just happened to the session (a
+    /// suspend, a failed turn), and says so in an Event.
+    async fn stop_jobs(&mut self, why: &str) {
+        let namespace = self.session.namespace().unwrap_or_default();
+        let api = Api::namespaced(self.ctx.client.clone(), &namespace);
+        let mut stopped = match stop_attached_jobs(&api, &self.name()).await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(session = %self.name(), error = %e, "could not stop cluster jobs");
+                vec![]
+            }
+        };
+        for id in job_follower::stop_attached(&mut self.status.status, &self.jobs).await {
+            if !stopped.contains(&id) {
+                stopped.push(id);
+            }
         }
-        self.status_dirty = true;
+        self.jobs_spend
+            .set(job_follower::jobs_cost(&self.status.status));
+        if !stopped.is_empty() {
+            self.status_dirty = true;
+            let note = format!(
+                "{why}: stopped running jobs {} (start jobs with detach: true to keep them running)",
+                stopped.join(", ")
+            );
+            self.ctx
+                .publish(&self.object, EventType::Normal, "JobsStopped", note)
+                .await;
+        }
     }
 
     async fn on_sandbox_event(&mut self, event: SandboxEvent) {
@@ -1335,6 +1374,8 @@ impl SessionRun {
             | TurnOutcome::BudgetPause { .. } => return,
         };
         if phase == SessionPhase::Failed {
+            // A failed turn (budget, errors, limits) leaves nobody to watch its jobs.
+            self.stop_jobs(&format!("the turn failed ({reason})")).await;
             conversation.store.defer(&event_record(&AgentEvent::Error {
                 reason: reason.clone(),
                 message: message.clone(),
@@ -1393,23 +1434,7 @@ impl SessionRun {
         if turn_open && let Err(e) = SandboxPod::kill_processes(&self.pods, &pod).await {
             tracing::warn!(session = %self.name(), error = %e, "could not kill sandbox processes on suspend");
         }
-        let namespace = self.session.namespace().unwrap_or_default();
-        let jobs = Api::namespaced(self.ctx.client.clone(), &namespace);
-        match stop_attached_jobs(&jobs, &self.name()).await {
-            Ok(stopped) if !stopped.is_empty() => {
-                let note = format!(
-                    "suspended: stopped running jobs {} (start jobs with detach: true to keep them running)",
-                    stopped.join(", ")
-                );
-                self.ctx
-                    .publish(&self.object, EventType::Normal, "JobsStopped", note)
-                    .await;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(session = %self.name(), error = %e, "could not stop jobs on suspend")
-            }
-        }
+        self.stop_jobs("suspended").await;
         let message = if turn_open {
             "suspended by spec.suspend in the middle of a turn; set it to false to resume the turn"
         } else {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, Pod, PodSpec, PodTemplateSpec, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaimVolumeSource, Pod, PodSpec,
+    PodTemplateSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams, PropagationPolicy};
@@ -20,9 +21,10 @@ use super::sandbox_template::{
     merged_resources,
 };
 use super::{MANAGED_BY_LABEL, SESSION_LABEL};
-use crate::tools::jobs::{JobBackend, JobInfo, JobRequest};
+use crate::tools::jobs::{Flavor, JobBackend, JobInfo, JobRequest, Program, Script};
 
 const JOB_CONTAINER: &str = "job";
+use crate::tools::bash::DEFAULT_WORK_DIR as WORKSPACE_DIR;
 /// A job started with `detach: true` keeps running when its session is suspended.
 pub const DETACH_LABEL: &str = "ml-intern.io/detach";
 /// Log bytes fetched per call.
@@ -37,7 +39,15 @@ pub struct ClusterJobs {
     pub presets: Arc<HardwarePresets>,
     /// The session's sandbox settings: image, pull policy, env and placement by default.
     pub base: SandboxSettings,
+    /// Kueue LocalQueue the jobs are submitted to.
+    pub queue: Option<String>,
 }
+
+/// Kueue admits Jobs carrying this label through the named LocalQueue.
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+/// How long a detached job (not owned by the session, so not deleted with it) is kept
+/// after it finishes.
+const DETACHED_TTL_SECS: i32 = 7 * 24 * 3600;
 
 fn labels(session: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -100,16 +110,54 @@ impl ClusterJobs {
         if request.detach {
             labels.insert(DETACH_LABEL.into(), "true".into());
         }
+        let mut job_labels = labels.clone();
+        if let Some(q) = &self.queue {
+            job_labels.insert(KUEUE_QUEUE_LABEL.into(), label_value(q));
+        }
+        // The sandbox's /workspace goes with the job when it is a claim, so a job's results
+        // are files the agent can read.
+        let mut mounts = vec![VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        }];
+        let mut volumes = vec![Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        }];
+        if let Some(claim) = &settings.workspace_claim {
+            mounts.push(VolumeMount {
+                name: "workspace".into(),
+                mount_path: WORKSPACE_DIR.into(),
+                ..Default::default()
+            });
+            volumes.push(Volume {
+                name: "workspace".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: None,
+                }),
+                ..Default::default()
+            });
+        }
+        let working_dir = if settings.workspace_claim.is_some() {
+            WORKSPACE_DIR
+        } else {
+            "/tmp"
+        };
         Ok(Job {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
                 namespace: Some(self.namespace.clone()),
-                labels: Some(labels.clone()),
-                owner_references: Some(vec![self.owner.clone()]),
+                labels: Some(job_labels),
+                // A detached job outlives its session; the TTL cleans it up instead.
+                owner_references: Some(vec![self.owner.clone()]).filter(|_| !request.detach),
                 ..Default::default()
             },
             spec: Some(JobSpec {
                 backoff_limit: Some(0),
+                ttl_seconds_after_finished: Some(DETACHED_TTL_SECS).filter(|_| request.detach),
                 active_deadline_seconds: Some(request.timeout_secs as i64),
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta {
@@ -129,24 +177,16 @@ impl ClusterJobs {
                             name: JOB_CONTAINER.into(),
                             image: Some(request.image.clone().unwrap_or(settings.image.clone())),
                             image_pull_policy: settings.image_pull_policy.clone(),
-                            command: Some(request.command.clone()),
-                            working_dir: Some("/tmp".into()),
+                            command: Some(command(&request.program)),
+                            working_dir: Some(working_dir.into()),
                             env: Some(env),
                             env_from: Some(settings.env_from.clone()).filter(|e| !e.is_empty()),
                             resources: Some(settings.resources.clone()),
                             security_context: Some(hardened_container_security()),
-                            volume_mounts: Some(vec![VolumeMount {
-                                name: "tmp".into(),
-                                mount_path: "/tmp".into(),
-                                ..Default::default()
-                            }]),
+                            volume_mounts: Some(mounts),
                             ..Default::default()
                         }],
-                        volumes: Some(vec![Volume {
-                            name: "tmp".into(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Default::default()
-                        }]),
+                        volumes: Some(volumes),
                         ..Default::default()
                     }),
                 },
@@ -261,6 +301,13 @@ impl ClusterJobs {
         JobInfo {
             id,
             flavor,
+            url: None,
+            namespace: None,
+            detach: job
+                .metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(DETACH_LABEL)),
             state,
             message,
             started_at: status.start_time.map(|t| t.0.to_string()),
@@ -271,8 +318,61 @@ impl ClusterJobs {
     }
 }
 
+/// The container's argv: Python scripts run with the image's `python3`, after a `pip
+/// install` of their dependencies when they name any.
+fn command(program: &Program) -> Vec<String> {
+    match program {
+        Program::Command(argv) => argv.clone(),
+        Program::Python {
+            script,
+            dependencies,
+            args,
+            ..
+        } => {
+            let mut run = match script {
+                Script::Code(code) => vec!["python3".to_string(), "-c".to_string(), code.clone()],
+                Script::Url(url) => vec![
+                    "python3".to_string(),
+                    "-c".to_string(),
+                    "import sys, urllib.request; u = sys.argv[1]; sys.argv = sys.argv[1:]; \
+                     exec(compile(urllib.request.urlopen(u).read(), u, 'exec'))"
+                        .to_string(),
+                    url.clone(),
+                ],
+            };
+            run.extend(args.iter().cloned());
+            if dependencies.is_empty() {
+                return run;
+            }
+            // The packages go to a user site under /tmp (HOME), as the root filesystem is
+            // read-only; the script follows as "$@".
+            let install = dependencies
+                .iter()
+                .map(|d| shell_quote(d))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let mut argv = vec![
+                "sh".to_string(),
+                "-c".to_string(),
+                format!("python3 -m pip install --quiet --user {install} >&2 && exec \"$@\""),
+            ];
+            argv.push("job".into());
+            argv.extend(run);
+            argv
+        }
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 #[async_trait]
 impl JobBackend for ClusterJobs {
+    fn kind(&self) -> &'static str {
+        "cluster"
+    }
+
     async fn run(&self, request: JobRequest) -> Result<JobInfo, String> {
         let name = self.job_name();
         let job = self.manifest(&name, &request)?;
@@ -296,7 +396,7 @@ impl JobBackend for ClusterJobs {
         Ok(Self::info(&current, self.pod_of(&name).await.as_ref()))
     }
 
-    async fn list(&self) -> Result<Vec<JobInfo>, String> {
+    async fn list(&self, _: Option<&str>, all: bool) -> Result<Vec<JobInfo>, String> {
         let jobs = self
             .jobs
             .list(&ListParams::default().labels(&jobs_selector(&self.session)))
@@ -322,15 +422,16 @@ impl JobBackend for ClusterJobs {
                     .max_by_key(|p| p.metadata.creation_timestamp.clone().map(|t| t.0));
                 Self::info(j, pod)
             })
+            .filter(|j| all || !j.is_finished())
             .collect())
     }
 
-    async fn inspect(&self, id: &str) -> Result<JobInfo, String> {
+    async fn inspect(&self, id: &str, _: Option<&str>) -> Result<JobInfo, String> {
         let job = self.own_job(id).await?;
         Ok(Self::info(&job, self.pod_of(id).await.as_ref()))
     }
 
-    async fn logs(&self, id: &str) -> Result<String, String> {
+    async fn logs(&self, id: &str, _: Option<&str>) -> Result<String, String> {
         self.own_job(id).await?;
         let Some(pod) = self.pod_of(id).await else {
             return Ok(String::new());
@@ -349,7 +450,7 @@ impl JobBackend for ClusterJobs {
         }
     }
 
-    async fn cancel(&self, id: &str) -> Result<(), String> {
+    async fn cancel(&self, id: &str, _: Option<&str>) -> Result<(), String> {
         self.own_job(id).await?;
         let params = DeleteParams {
             propagation_policy: Some(PropagationPolicy::Background),
@@ -362,12 +463,34 @@ impl JobBackend for ClusterJobs {
         }
     }
 
-    fn flavors(&self) -> Vec<(String, String)> {
+    async fn flavors(&self) -> Result<Vec<Flavor>, String> {
+        Ok(self
+            .presets
+            .presets
+            .iter()
+            .map(|(n, p)| Flavor {
+                name: n.clone(),
+                description: p.description.clone(),
+                usd_per_hour: p.usd_per_hour,
+                accelerated: p.has_gpu(),
+            })
+            .collect())
+    }
+
+    fn default_flavor(&self) -> Option<String> {
+        self.presets.default.clone()
+    }
+
+    fn flavor_hint(&self) -> String {
+        if self.presets.presets.is_empty() {
+            return "the cluster default".into();
+        }
         self.presets
             .presets
             .iter()
-            .map(|(n, p)| (n.clone(), p.description.clone()))
-            .collect()
+            .map(|(n, p)| format!("{n} ({})", p.description))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

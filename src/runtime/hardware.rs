@@ -18,6 +18,10 @@ pub struct Preset {
     pub node_selector: BTreeMap<String, String>,
     #[serde(default)]
     pub tolerations: Vec<Toleration>,
+    /// What an hour on this hardware costs (the platform's chargeback), so jobs get a cost
+    /// estimate for approvals and budgets; unpriced presets have none.
+    #[serde(default)]
+    pub usd_per_hour: Option<f64>,
 }
 
 impl Preset {

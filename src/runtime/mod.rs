@@ -3,6 +3,7 @@
 
 pub mod cluster_job;
 pub mod hardware;
+pub mod hf_job;
 pub mod sandbox_pod;
 pub mod sandbox_template;
 

@@ -1,6 +1,6 @@
-//! `cluster_jobs`: training and compute steps as jobs beside the sandbox, with the
-//! contract of ml-intern's `hf_jobs` (operations run, ps, logs, inspect, cancel). The
-//! backend (Kubernetes Jobs here; Hugging Face Jobs later) is behind `JobBackend`.
+//! `cluster_jobs` and `hf_jobs`: training and compute steps as jobs beside the sandbox, with
+//! the contract of ml-intern's `hf_jobs` (run, ps, logs, inspect, cancel, and scheduled
+//! jobs where the platform has them). The platform is behind `JobBackend`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,55 +9,20 @@ use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+pub use super::job_backend::*;
 use super::{FileSystem, Tool, ToolFailure, ToolOutput};
 use crate::llm::ToolSpec;
 
 pub const CLUSTER_JOBS_TOOL: &str = "cluster_jobs";
-/// ml-intern's default job timeout.
-pub const DEFAULT_TIMEOUT_SECS: u64 = 30 * 60;
-/// Longest timeout a job may ask for.
-pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
+pub const HF_JOBS_TOOL: &str = "hf_jobs";
 /// Log text returned by `logs` (the tail is kept).
 const LOGS_MAX_CHARS: usize = 25_000;
+/// Log lines returned by `run`.
+const FIRST_LINES: usize = 20;
 
-/// What to run.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobRequest {
-    pub command: Vec<String>,
-    pub image: Option<String>,
-    pub flavor: Option<String>,
-    pub timeout_secs: u64,
-    pub env: BTreeMap<String, String>,
-    /// Keeps running when the session is suspended.
-    pub detach: bool,
-}
-
-/// A job as a backend reports it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct JobInfo {
-    pub id: String,
-    pub flavor: String,
-    /// `Pending`, `Running`, `Succeeded`, `Failed`, `DeadlineExceeded` or `Cancelled`.
-    pub state: String,
-    /// Why it failed, in the backend's words.
-    pub message: Option<String>,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-}
-
-#[async_trait]
-pub trait JobBackend: Send + Sync {
-    async fn run(&self, request: JobRequest) -> Result<JobInfo, String>;
-    async fn list(&self) -> Result<Vec<JobInfo>, String>;
-    async fn inspect(&self, id: &str) -> Result<JobInfo, String>;
-    /// The job's output so far (stdout and stderr).
-    async fn logs(&self, id: &str) -> Result<String, String>;
-    async fn cancel(&self, id: &str) -> Result<(), String>;
-    /// Flavors the platform offers: (name, description).
-    fn flavors(&self) -> Vec<(String, String)>;
-}
-
-pub struct ClusterJobsTool {
+pub struct JobsTool {
+    /// `cluster_jobs` or `hf_jobs`.
+    pub name: &'static str,
     pub backend: Arc<dyn JobBackend>,
     /// Where a script named by path is read from.
     pub files: Option<Arc<dyn FileSystem>>,
@@ -65,51 +30,20 @@ pub struct ClusterJobsTool {
     pub observed: Option<tokio::sync::mpsc::Sender<JobObservation>>,
 }
 
-/// The latest value of a metric a job printed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Metric {
-    pub name: String,
-    pub value: String,
-    pub step: Option<i64>,
-}
-
 /// What the tool saw of a job.
 #[derive(Clone, Debug, PartialEq)]
 pub enum JobObservation {
-    State(JobInfo),
-    Metrics { id: String, metrics: Vec<Metric> },
-}
-
-/// The latest value of each metric in `logs`: lines that are JSON objects with a `metric`
-/// name and a `value`, optionally a `step`.
-pub fn parse_metrics(logs: &str) -> Vec<Metric> {
-    let mut latest: Vec<Metric> = vec![];
-    for line in logs.lines() {
-        let line = line.trim();
-        if !line.starts_with('{') || !line.contains("\"metric\"") {
-            continue;
-        }
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        let (Some(name), Some(value)) = (v["metric"].as_str(), v.get("value")) else {
-            continue;
-        };
-        let value = match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        let metric = Metric {
-            name: crate::text::truncate_chars(name, 63),
-            value: crate::text::truncate_chars(&value, 63),
-            step: v["step"].as_i64(),
-        };
-        match latest.iter_mut().find(|m| m.name == metric.name) {
-            Some(m) => *m = metric,
-            None => latest.push(metric),
-        }
-    }
-    latest
+    State {
+        backend: &'static str,
+        info: JobInfo,
+        usd_per_hour: Option<f64>,
+    },
+    Metrics {
+        id: String,
+        metrics: Vec<Metric>,
+    },
+    /// A look at all unfinished jobs is over.
+    LookDone,
 }
 
 #[derive(Deserialize)]
@@ -119,6 +53,10 @@ struct Args {
     script: Option<String>,
     #[serde(default)]
     script_args: Vec<String>,
+    #[serde(default)]
+    dependencies: Vec<String>,
+    #[serde(default)]
+    python: Option<String>,
     #[serde(default)]
     command: Option<Vec<String>>,
     #[serde(default)]
@@ -132,39 +70,17 @@ struct Args {
     #[serde(default)]
     job_id: Option<String>,
     #[serde(default)]
+    scheduled_job_id: Option<String>,
+    #[serde(default)]
+    schedule: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
     detach: bool,
-}
-
-/// "300", 300, "300s", "5m", "1.5h", "1d" as seconds (the Hugging Face client's forms).
-pub fn parse_timeout(v: &Value) -> Result<u64, String> {
-    let text = match v {
-        Value::Number(n) => {
-            return n
-                .as_f64()
-                .map(|f| f.round() as u64)
-                .ok_or("bad number".into());
-        }
-        Value::String(s) => s.trim().to_string(),
-        other => return Err(format!("timeout must be like \"30m\", not {other}")),
-    };
-    let (number, unit) = match text.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
-        _ => (text.as_str(), 's'),
-    };
-    let scale = match unit {
-        's' => 1.0,
-        'm' => 60.0,
-        'h' => 3600.0,
-        'd' => 86400.0,
-        other => return Err(format!("unknown timeout unit {other:?}; use s, m, h or d")),
-    };
-    number
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .filter(|f| *f > 0.0)
-        .map(|f| (f * scale).round() as u64)
-        .ok_or_else(|| format!("timeout {text:?} is not a duration like \"30m\""))
 }
 
 /// A script given as a path in the sandbox rather than as code.
@@ -182,24 +98,58 @@ fn describe(job: &JobInfo) -> String {
         "Job: {}\nFlavor: {}\nState: {}",
         job.id, job.flavor, job.state
     );
-    if let Some(m) = &job.message {
-        text.push_str(&format!("\nReason: {m}"));
-    }
-    if let Some(s) = &job.started_at {
-        text.push_str(&format!("\nStarted: {s}"));
-    }
-    if let Some(f) = &job.finished_at {
-        text.push_str(&format!("\nFinished: {f}"));
+    for (label, value) in [
+        ("Reason", &job.message),
+        ("Started", &job.started_at),
+        ("Finished", &job.finished_at),
+        ("View at", &job.url),
+    ] {
+        if let Some(v) = value {
+            text.push_str(&format!("\n{label}: {v}"));
+        }
     }
     text
 }
 
-impl ClusterJobsTool {
+fn describe_schedule(s: &ScheduleInfo) -> String {
+    let mut text = format!(
+        "Scheduled job: {}\nSchedule: {}\nSuspended: {}\nCommand: {}",
+        s.id, s.schedule, s.suspended, s.command
+    );
+    if let Some(n) = &s.next_run_at {
+        text.push_str(&format!("\nNext run: {n}"));
+    }
+    if let Some(l) = &s.last_job {
+        text.push_str(&format!("\nLast job: {l}"));
+    }
+    text
+}
+
+/// The operation, normalised ("Scheduled  Run" is "scheduled run").
+fn operation(args: &Args) -> String {
+    args.operation
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+impl JobsTool {
     async fn tell(&self, observation: JobObservation) {
         if let Some(tx) = &self.observed {
             // Status bookkeeping only; the tool's answer does not depend on it.
             let _ = tx.send(observation).await;
         }
+    }
+
+    async fn tell_state(&self, info: &JobInfo) {
+        let usd_per_hour = self.price(&info.flavor).await;
+        self.tell(JobObservation::State {
+            backend: self.backend.kind(),
+            info: info.clone(),
+            usd_per_hour,
+        })
+        .await;
     }
 
     async fn tell_metrics(&self, id: &str, logs: &str) {
@@ -213,6 +163,11 @@ impl ClusterJobsTool {
         }
     }
 
+    async fn price(&self, flavor: &str) -> Option<f64> {
+        let flavors = self.backend.flavors().await.ok()?;
+        flavors.iter().find(|f| f.name == flavor)?.usd_per_hour
+    }
+
     fn job_id(args: &Args) -> Result<String, String> {
         args.job_id
             .clone()
@@ -220,7 +175,17 @@ impl ClusterJobsTool {
             .ok_or_else(|| format!("{} needs job_id", args.operation))
     }
 
-    async fn run(&self, args: &Args) -> Result<String, String> {
+    fn scheduled_job_id(args: &Args) -> Result<String, String> {
+        args.scheduled_job_id
+            .clone()
+            .or_else(|| args.job_id.clone())
+            .filter(|j| !j.trim().is_empty())
+            .ok_or_else(|| format!("{} needs scheduled_job_id", args.operation))
+    }
+
+    /// The request `run` (or `scheduled run`) submits, with its flavor checked against
+    /// what the platform offers. Also returns the flavor's price, when known.
+    async fn request(&self, args: &Args) -> Result<(JobRequest, Option<f64>), String> {
         let timeout_secs = match &args.timeout {
             None => DEFAULT_TIMEOUT_SECS,
             Some(v) => parse_timeout(v)?,
@@ -228,37 +193,63 @@ impl ClusterJobsTool {
         if timeout_secs > MAX_TIMEOUT_SECS {
             return Err(format!("timeout is above the {MAX_TIMEOUT_SECS}s limit"));
         }
-        let flavors = self.backend.flavors();
-        if let Some(f) = &args.hardware_flavor
+        let flavor = args
+            .hardware_flavor
+            .clone()
+            .or_else(|| self.backend.default_flavor());
+        let flavors = self.backend.flavors().await?;
+        let mut price = None;
+        if let Some(f) = &flavor
             && !flavors.is_empty()
-            && !flavors.iter().any(|(n, _)| n == f)
         {
-            return Err(format!(
-                "unknown hardware_flavor {f:?}; choose one of: {}",
-                flavors
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            match flavors.iter().find(|x| &x.name == f) {
+                Some(x) => price = x.usd_per_hour,
+                None => {
+                    return Err(format!(
+                        "unknown hardware_flavor {f:?}; choose one of: {}",
+                        flavors
+                            .iter()
+                            .map(|x| x.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
         }
-        let job = self
+        let request = JobRequest {
+            program: self.program(args).await?,
+            image: args.image.clone(),
+            flavor,
+            timeout_secs,
+            env: args.env.clone(),
+            detach: args.detach,
+            namespace: args.namespace.clone(),
+        };
+        Ok((request, price))
+    }
+
+    async fn run(&self, args: &Args) -> Result<String, String> {
+        let (request, price) = self.request(args).await?;
+        let timeout_secs = request.timeout_secs;
+        let job = self.backend.run(request).await?;
+        self.tell_state(&job).await;
+        let logs = self
             .backend
-            .run(JobRequest {
-                command: self.command(args).await?,
-                image: args.image.clone(),
-                flavor: args.hardware_flavor.clone(),
-                timeout_secs,
-                env: args.env.clone(),
-                detach: args.detach,
-            })
-            .await?;
-        let logs = self.backend.logs(&job.id).await.unwrap_or_default();
-        self.tell(JobObservation::State(job.clone())).await;
+            .logs(&job.id, job.namespace.as_deref())
+            .await
+            .unwrap_or_default();
         self.tell_metrics(&job.id, &logs).await;
-        let first: Vec<&str> = logs.lines().take(20).collect();
+        let first: Vec<&str> = logs.lines().take(FIRST_LINES).collect();
+        let cost = match price {
+            Some(p) => format!(
+                "\nEstimated cost: ${p:.2}/h, at most ${:.2} for the {timeout_secs}s timeout",
+                cost_ceiling_usd(p, timeout_secs)
+            ),
+            None => String::new(),
+        };
         Ok(format!(
-            "Job submitted.\n{}\n\nFirst log lines:\n{}\n\nFollow it with operation=logs or inspect and job_id={}.",
+            "Job submitted.\n{}{cost}\n\nFirst log lines:\n{}\n\nThe job runs on its own: \
+             follow it with operation=logs or inspect and job_id={}.",
             describe(&job),
             if first.is_empty() {
                 "(none yet)".to_string()
@@ -269,22 +260,31 @@ impl ClusterJobsTool {
         ))
     }
 
-    async fn ps(&self) -> Result<String, String> {
-        let jobs = self.backend.list().await?;
+    async fn ps(&self, args: &Args) -> Result<String, String> {
+        let mut jobs = self
+            .backend
+            .list(args.namespace.as_deref(), args.all)
+            .await?;
+        if let Some(filter) = args.status.as_deref().map(str::to_lowercase) {
+            jobs.retain(|j| j.state.to_lowercase().contains(&filter));
+        }
         if jobs.is_empty() {
-            return Ok("No jobs.".to_string());
+            return Ok(if args.all {
+                "No jobs.".to_string()
+            } else {
+                "No running jobs (all=true lists finished ones too).".to_string()
+            });
         }
         let mut table =
             "| JOB ID | FLAVOR | STATE | STARTED | FINISHED |\n|---|---|---|---|---|\n".to_string();
         for j in jobs {
-            self.tell(JobObservation::State(j.clone())).await;
             table.push_str(&format!(
                 "| {} | {} | {} | {} | {} |\n",
                 j.id,
                 j.flavor,
                 j.state,
-                j.started_at.unwrap_or_default(),
-                j.finished_at.unwrap_or_default()
+                j.started_at.as_deref().unwrap_or_default(),
+                j.finished_at.as_deref().unwrap_or_default()
             ));
         }
         Ok(table)
@@ -292,7 +292,7 @@ impl ClusterJobsTool {
 
     async fn logs(&self, args: &Args) -> Result<String, String> {
         let id = Self::job_id(args)?;
-        let logs = self.backend.logs(&id).await?;
+        let logs = self.backend.logs(&id, args.namespace.as_deref()).await?;
         self.tell_metrics(&id, &logs).await;
         let logs = super::bash::strip_ansi(&logs);
         let total = logs.chars().count();
@@ -310,27 +310,98 @@ impl ClusterJobsTool {
     }
 
     async fn inspect(&self, args: &Args) -> Result<String, String> {
-        let job = self.backend.inspect(&Self::job_id(args)?).await?;
-        self.tell(JobObservation::State(job.clone())).await;
+        let job = self
+            .backend
+            .inspect(&Self::job_id(args)?, args.namespace.as_deref())
+            .await?;
+        self.tell_state(&job).await;
         Ok(describe(&job))
     }
 
     async fn cancel(&self, args: &Args) -> Result<String, String> {
         let id = Self::job_id(args)?;
-        self.backend.cancel(&id).await?;
+        self.backend.cancel(&id, args.namespace.as_deref()).await?;
+        if let Ok(job) = self.backend.inspect(&id, args.namespace.as_deref()).await {
+            self.tell_state(&job).await;
+        }
         Ok(format!("Job {id} cancelled."))
     }
 
-    async fn command(&self, args: &Args) -> Result<Vec<String>, String> {
+    async fn scheduled(&self, op: &str, args: &Args) -> Result<String, String> {
+        let scheduler = self
+            .backend
+            .scheduler()
+            .ok_or_else(|| format!("{} has no scheduled jobs", self.name))?;
+        let ns = args.namespace.as_deref();
+        match op {
+            "scheduled run" => {
+                let schedule = args
+                    .schedule
+                    .clone()
+                    .filter(|s| !s.trim().is_empty())
+                    .ok_or("scheduled run needs schedule, e.g. \"@daily\" or \"0 9 * * 1\"")?;
+                let (request, _) = self.request(args).await?;
+                let created = scheduler.create(request, &schedule).await?;
+                Ok(format!(
+                    "Scheduled job created.\n{}",
+                    describe_schedule(&created)
+                ))
+            }
+            "scheduled ps" => {
+                let list = scheduler.list(ns, args.all).await?;
+                if list.is_empty() {
+                    return Ok("No scheduled jobs.".into());
+                }
+                let mut table =
+                    "| ID | SCHEDULE | SUSPENDED | NEXT RUN | COMMAND |\n|---|---|---|---|---|\n"
+                        .to_string();
+                for s in list {
+                    table.push_str(&format!(
+                        "| {} | {} | {} | {} | {} |\n",
+                        s.id,
+                        s.schedule,
+                        s.suspended,
+                        s.next_run_at.as_deref().unwrap_or_default(),
+                        crate::text::truncate_chars(&s.command, 60)
+                    ));
+                }
+                Ok(table)
+            }
+            "scheduled inspect" => Ok(describe_schedule(
+                &scheduler
+                    .inspect(&Self::scheduled_job_id(args)?, ns)
+                    .await?,
+            )),
+            "scheduled delete" => {
+                let id = Self::scheduled_job_id(args)?;
+                scheduler.delete(&id, ns).await?;
+                Ok(format!("Scheduled job {id} deleted."))
+            }
+            "scheduled suspend" | "scheduled resume" => {
+                let id = Self::scheduled_job_id(args)?;
+                let suspend = op == "scheduled suspend";
+                scheduler.set_suspended(&id, ns, suspend).await?;
+                Ok(format!(
+                    "Scheduled job {id} {}.",
+                    if suspend { "suspended" } else { "resumed" }
+                ))
+            }
+            other => Err(format!("unknown operation {other:?}")),
+        }
+    }
+
+    async fn program(&self, args: &Args) -> Result<Program, String> {
         match (&args.script, &args.command) {
             (Some(_), Some(_)) => Err("give either script or command, not both".into()),
             (None, None) => {
                 Err("run needs a script (Python code or a sandbox path) or a command".into())
             }
             (None, Some(command)) if command.is_empty() => Err("command is empty".into()),
-            (None, Some(command)) => Ok(command.clone()),
+            (None, Some(command)) => Ok(Program::Command(command.clone())),
             (Some(script), None) => {
-                let code = if looks_like_path(script) {
+                let script = if script.starts_with("https://") || script.starts_with("http://") {
+                    Script::Url(script.clone())
+                } else if looks_like_path(script) {
                     let fs = self
                         .files
                         .as_ref()
@@ -340,59 +411,98 @@ impl ClusterJobsTool {
                         .read(&path, None, super::files::EDIT_MAX_BYTES)
                         .await
                         .map_err(|e| format!("cannot read {path} from the sandbox: {e:?}"))?;
-                    String::from_utf8(bytes).map_err(|_| format!("{path} is not UTF-8 text"))?
+                    Script::Code(
+                        String::from_utf8(bytes)
+                            .map_err(|_| format!("{path} is not UTF-8 text"))?,
+                    )
                 } else {
-                    script.clone()
+                    Script::Code(script.clone())
                 };
-                let mut command = vec!["python3".to_string(), "-c".to_string(), code];
-                if !args.script_args.is_empty() {
-                    command.push("job".into());
-                    command.extend(args.script_args.iter().cloned());
-                }
-                Ok(command)
+                Ok(Program::Python {
+                    script,
+                    dependencies: args.dependencies.clone(),
+                    python: args.python.clone(),
+                    args: args.script_args.clone(),
+                })
             }
+        }
+    }
+
+    fn operations(&self) -> Vec<&'static str> {
+        let mut ops = vec!["run", "ps", "logs", "inspect", "cancel"];
+        if self.backend.scheduler().is_some() {
+            ops.extend([
+                "scheduled run",
+                "scheduled ps",
+                "scheduled inspect",
+                "scheduled delete",
+                "scheduled suspend",
+                "scheduled resume",
+            ]);
+        }
+        ops
+    }
+
+    fn description(&self) -> String {
+        let flavors = self.backend.flavor_hint();
+        if self.name == HF_JOBS_TOOL {
+            format!(
+                "Run training or compute on Hugging Face Jobs (billed hardware). \
+                 operation=run submits and returns at once with the job id, its page and \
+                 first log lines; follow it with ps, logs and inspect; cancel stops it. A \
+                 script is Python code, a path in the sandbox or a URL, run with uv and the \
+                 given dependencies (image ghcr.io/astral-sh/uv:python3.12-bookworm); or give \
+                 command (argv) and image (default python:3.12). HF_TOKEN is set in the job. \
+                 Scheduled jobs (schedule: cron or @hourly/@daily/@weekly/@monthly) repeat a \
+                 run. Print progress as JSON lines like {{\"metric\": \"loss\", \"value\": 0.3, \
+                 \"step\": 10}}. Test on a small sample in the sandbox first, and submit one \
+                 job before a sweep. Flavors: {flavors}."
+            )
+        } else {
+            format!(
+                "Run training or compute as a Kubernetes Job on the cluster, beside the \
+                 sandbox. operation=run submits and returns at once with the job id and its \
+                 first log lines; follow it with ps, logs and inspect; cancel stops it. A \
+                 script is Python code or a path in the sandbox; or give command (argv) and \
+                 image. The job sees the sandbox's /workspace when it is a volume claim. Print \
+                 progress as JSON lines like {{\"metric\": \"loss\", \"value\": 0.3, \"step\": 10}}. \
+                 Test on a small sample in the sandbox first. Flavors: {flavors}."
+            )
         }
     }
 }
 
 #[async_trait]
-impl Tool for ClusterJobsTool {
+impl Tool for JobsTool {
     fn spec(&self) -> ToolSpec {
-        let flavors: Vec<String> = self
-            .backend
-            .flavors()
-            .iter()
-            .map(|(n, d)| format!("{n} ({d})"))
-            .collect();
+        let mut properties = json!({
+            "operation": {"type": "string", "enum": self.operations()},
+            "script": {"type": "string", "description": "Python code, or a path to a .py file in the sandbox."},
+            "script_args": {"type": "array", "items": {"type": "string"}},
+            "dependencies": {"type": "array", "items": {"type": "string"}, "description": "Python packages the script needs."},
+            "command": {"type": "array", "items": {"type": "string"}, "description": "Command and arguments, instead of script."},
+            "image": {"type": "string", "description": "Container image."},
+            "hardware_flavor": {"type": "string", "description": "Hardware flavor."},
+            "timeout": {"type": "string", "description": "Longest run time, e.g. \"30m\", \"2h\" (default 30m)."},
+            "env": {"type": "object", "additionalProperties": {"type": "string"}},
+            "job_id": {"type": "string", "description": "For logs, inspect and cancel."},
+            "all": {"type": "boolean", "description": "ps: finished jobs too."},
+            "status": {"type": "string", "description": "ps: only jobs whose state contains this."},
+            "detach": {"type": "boolean", "description": "Keep the job running when the session is suspended, fails or is deleted (default false)."}
+        });
+        if self.backend.scheduler().is_some() {
+            properties["scheduled_job_id"] = json!({"type": "string", "description": "For scheduled inspect, delete, suspend and resume."});
+            properties["schedule"] = json!({"type": "string", "description": "scheduled run: cron (\"0 9 * * 1\") or @hourly, @daily, @weekly, @monthly."});
+            properties["namespace"] = json!({"type": "string", "description": "User or organization to run under (default: the token's user)."});
+            properties["python"] =
+                json!({"type": "string", "description": "Python version for uv, e.g. \"3.12\"."});
+        }
         ToolSpec {
-            name: CLUSTER_JOBS_TOOL.into(),
-            description: format!(
-                "Run training or compute as a Kubernetes Job on the cluster, beside the \
-                 sandbox. operation=run submits and returns at once with the job id and its \
-                 first log lines; follow it with ps, logs and inspect; cancel stops it. A \
-                 script is Python code or a path in the sandbox; or give command (argv) and \
-                 image. Print progress as JSON lines like {{\"metric\": \"loss\", \"value\": 0.3}}. \
-                 Test on a small sample in the sandbox first. Flavors: {}.",
-                if flavors.is_empty() {
-                    "the cluster default".to_string()
-                } else {
-                    flavors.join(", ")
-                }
-            ),
+            name: self.name.into(),
+            description: self.description(),
             parameters: json!({
                 "type": "object",
-                "properties": {
-                    "operation": {"type": "string", "enum": ["run", "ps", "logs", "inspect", "cancel"]},
-                    "script": {"type": "string", "description": "Python code, or a path to a .py file in the sandbox."},
-                    "script_args": {"type": "array", "items": {"type": "string"}},
-                    "command": {"type": "array", "items": {"type": "string"}, "description": "Command and arguments, instead of script."},
-                    "image": {"type": "string", "description": "Container image (default: the sandbox's)."},
-                    "hardware_flavor": {"type": "string", "description": "Hardware flavor."},
-                    "timeout": {"type": "string", "description": "Longest run time, e.g. \"30m\", \"2h\" (default 30m)."},
-                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "job_id": {"type": "string", "description": "For logs, inspect and cancel."},
-                    "detach": {"type": "boolean", "description": "Keep the job running if the session is suspended (default false)."}
-                },
+                "properties": properties,
                 "required": ["operation"]
             }),
         }
@@ -403,18 +513,24 @@ impl Tool for ClusterJobsTool {
             Ok(a) => a,
             Err(e) => {
                 return Ok(ToolOutput::error(format!(
-                    "ERROR: invalid arguments for cluster_jobs: {e}."
+                    "ERROR: invalid arguments for {}: {e}.",
+                    self.name
                 )));
             }
         };
-        let result = match args.operation.trim() {
+        let op = operation(&args);
+        let result = match op.as_str() {
             "run" => self.run(&args).await,
-            "ps" => self.ps().await,
+            "ps" => self.ps(&args).await,
             "logs" => self.logs(&args).await,
             "inspect" => self.inspect(&args).await,
             "cancel" => self.cancel(&args).await,
+            other if other.starts_with("scheduled ") && self.operations().contains(&other) => {
+                self.scheduled(other, &args).await
+            }
             other => Err(format!(
-                "unknown operation {other:?}; use run, ps, logs, inspect or cancel"
+                "unknown operation {other:?}; use {}",
+                self.operations().join(", ")
             )),
         };
         Ok(match result {
@@ -429,45 +545,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn timeouts_read_like_the_hub_client() {
-        for (v, secs) in [
-            (json!(300), 300),
-            (json!("300"), 300),
-            (json!("300s"), 300),
-            (json!("5m"), 300),
-            (json!("1.5h"), 5400),
-            (json!("1d"), 86400),
-        ] {
-            assert_eq!(parse_timeout(&v), Ok(secs), "{v}");
-        }
-        assert!(parse_timeout(&json!("5w")).is_err());
-        assert!(parse_timeout(&json!("soon")).is_err());
-    }
-
-    #[test]
-    fn the_latest_value_of_each_metric_is_kept() {
-        let logs = "loading\n{\"metric\": \"loss\", \"value\": 0.9, \"step\": 1}\n\
-                    {\"metric\": \"acc\", \"value\": \"71%\"}\nnot {json\n\
-                    {\"metric\": \"loss\", \"value\": 0.31, \"step\": 2}\n{\"other\": 1}\n";
-        let m = parse_metrics(logs);
-        assert_eq!(
-            m,
-            vec![
-                Metric {
-                    name: "loss".into(),
-                    value: "0.31".into(),
-                    step: Some(2)
-                },
-                Metric {
-                    name: "acc".into(),
-                    value: "71%".into(),
-                    step: None
-                },
-            ]
-        );
-    }
-
-    #[test]
     fn paths_and_code_are_told_apart() {
         assert!(looks_like_path("train.py"));
         assert!(looks_like_path("/workspace/train.py"));
@@ -475,5 +552,12 @@ mod tests {
         assert!(!looks_like_path("print('hi')"));
         assert!(!looks_like_path("import os\nprint(1)"));
         assert!(!looks_like_path("https://example.com/train.py"));
+    }
+
+    #[test]
+    fn operations_are_normalised() {
+        let args: Args =
+            serde_json::from_value(json!({"operation": " Scheduled   Suspend "})).unwrap();
+        assert_eq!(operation(&args), "scheduled suspend");
     }
 }

@@ -4,6 +4,7 @@
 pub mod bash;
 pub mod edit_match;
 pub mod files;
+pub mod job_backend;
 pub mod jobs;
 pub mod plan;
 pub mod sandbox_create;

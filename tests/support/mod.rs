@@ -3,10 +3,14 @@
 #![allow(dead_code, unused_imports)] // each test binary uses a different subset
 
 pub mod cluster;
+pub mod hf_hub;
 pub mod scripted_llm;
 
 pub use cluster::{E2e, E2eOptions, PYTHON_IMAGE};
 pub use scripted_llm::{ScriptedLlm, Step};
+
+/// The token the local HF hub accepts (shaped like a real one, so redaction applies).
+pub const HF_TEST_TOKEN: &str = "hf_LocalHubTestToken0123456789abcdefXYZ";
 
 /// The tool results sent in a chat-completions request, in order.
 pub fn tool_results(request: &serde_json::Value) -> Vec<String> {
