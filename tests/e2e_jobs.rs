@@ -12,7 +12,8 @@ use tokio::sync::Notify;
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// A pure-Python least-squares fit that reports its loss as metric lines.
+/// A pure-Python least-squares fit that reports its loss as metric lines and writes its
+/// result next to it (the sandbox's /workspace, a claim the job shares).
 const TRAIN: &str = r#"import json
 xs = [0.0, 1.0, 2.0, 3.0, 4.0]
 ys = [1.0, 3.1, 4.9, 7.2, 8.8]
@@ -25,6 +26,7 @@ for step in range(1, 301):
         loss = sum((w * x + b - y) ** 2 for x, y in zip(xs, ys)) / len(xs)
         print(json.dumps({"metric": "loss", "value": round(loss, 4), "step": step}))
 print(f"fitted w={w:.2f} b={b:.2f}")
+json.dump({"w": round(w, 2), "b": round(b, 2)}, open("result.json", "w"))
 "#;
 
 /// The job id in the latest `Job submitted` result of a request.
@@ -85,6 +87,7 @@ const HARDWARE: &str = r#"default: small
 presets:
   small:
     description: a little CPU
+    usdPerHour: 3.6
     resources:
       requests: {cpu: 50m, memory: 64Mi}
       limits: {cpu: 500m, memory: 256Mi}
@@ -116,6 +119,7 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
             json!({"operation": "run", "script": "train.py", "timeout": "2m"}),
         )]),
         on_job(&trained, "logs"),
+        Step::ToolCalls(vec![("read", json!({"path": "result.json"}))]),
         Step::ToolCalls(vec![(
             "cluster_jobs",
             json!({"operation": "run", "script": "import sys\nprint('bad data')\nsys.exit(3)"}),
@@ -133,15 +137,20 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
                 json!({"operation": "run", "command": ["nvidia-smi"], "hardware_flavor": "gpu-one"}),
             ),
         ]),
-        Step::ToolCalls(vec![("cluster_jobs", json!({"operation": "ps"}))]),
+        Step::ToolCalls(vec![(
+            "cluster_jobs",
+            json!({"operation": "ps", "all": true}),
+        )]),
         Step::Answer("done".into()),
     ])
     .await;
+    let pv = env.host_path_claim("work").await;
     env.create_session(
         "trainer",
         json!({"prompt": "Fit a line on the cluster.", "model": "openai/scripted",
                "llm": {"baseUrl": llm.base_url},
-               "sandbox": {"image": support::PYTHON_IMAGE, "imagePullPolicy": "Never"}}),
+               "sandbox": {"image": support::PYTHON_IMAGE, "imagePullPolicy": "Never",
+                           "workspace": {"claimName": "work"}}}),
     )
     .await;
 
@@ -156,6 +165,10 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
         logs.contains(r#"{"metric": "loss""#) && logs.contains("fitted w=1.97 b=1.05"),
         "{logs}"
     );
+    // The job's result file is in the sandbox's workspace.
+    let requests = llm.wait_for_requests(5, 2 * MINUTE).await;
+    let result = tool_results(&requests[4].body).pop().unwrap();
+    assert!(result.contains(r#"{"w": 1.97, "b": 1.05}"#), "{result}");
 
     // A failing job: its exit code reaches the model.
     wait_for_job(&env, |j| {
@@ -166,8 +179,8 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
     })
     .await;
     failed.notify_one();
-    let requests = llm.wait_for_requests(6, 2 * MINUTE).await;
-    let inspected = tool_results(&requests[5].body).pop().unwrap();
+    let requests = llm.wait_for_requests(7, 2 * MINUTE).await;
+    let inspected = tool_results(&requests[6].body).pop().unwrap();
     assert!(
         inspected.contains("State: Failed") && inspected.contains("exit code 3"),
         "{inspected}"
@@ -182,8 +195,8 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
     })
     .await;
     timed_out.notify_one();
-    let requests = llm.wait_for_requests(8, 2 * MINUTE).await;
-    let inspected = tool_results(&requests[7].body).pop().unwrap();
+    let requests = llm.wait_for_requests(9, 2 * MINUTE).await;
+    let inspected = tool_results(&requests[8].body).pop().unwrap();
     assert!(inspected.contains("State: DeadlineExceeded"), "{inspected}");
 
     // The CPU job starts; the GPU one waits for a human, who declines.
@@ -216,8 +229,21 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
         String::from_utf8_lossy(&out.stderr)
     );
     let done = env.wait_for_phase("trainer", "Succeeded", 2 * MINUTE).await;
-    // status.jobs mirrors what the agent saw, with the training metrics.
-    let jobs_seen = done.status.unwrap().jobs;
+    // status.jobs mirrors the jobs, with the training metrics and what they cost.
+    let status = done.status.unwrap();
+    let jobs_seen = status.jobs;
+    let cost: f64 = jobs_seen[0]
+        .estimated_cost_usd
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        cost > 0.0 && cost < 0.5,
+        "3.6 $/h for a few seconds: {cost}"
+    );
+    assert_eq!(jobs_seen[0].usd_per_hour.as_deref(), Some("3.6"));
+    assert!(status.jobs_cost_usd.is_some());
     assert_eq!(jobs_seen.len(), 4, "{jobs_seen:#?}");
     let states: Vec<&str> = jobs_seen.iter().map(|j| j.state.as_str()).collect();
     assert_eq!(
@@ -238,7 +264,7 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
     );
     assert_eq!(jobs_seen[0].flavor, "small");
     let requests = llm.requests();
-    let table = tool_results(&requests[9].body).pop().unwrap();
+    let table = tool_results(&requests[10].body).pop().unwrap();
     assert_eq!(table.matches("| trainer-job-").count(), 4, "{table}");
     assert!(
         table.contains("| Succeeded |") && table.contains("| DeadlineExceeded |"),
@@ -257,6 +283,7 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
         .unwrap();
     env.wait_for_deletion(jobs, running.metadata.name.as_deref().unwrap(), 2 * MINUTE)
         .await;
+    let _ = env.kubectl(&["delete", "pv", &pv, "--wait=false"]);
 }
 
 #[tokio::test]

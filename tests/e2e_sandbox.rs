@@ -244,38 +244,6 @@ async fn the_sandbox_pod_is_hardened_fenced_and_shaped_by_the_spec() {
     env.wait_for_phase("shaped", "Succeeded", MINUTE).await;
 }
 
-/// A hostPath PersistentVolume bound to a claim `name` in the test namespace, writable
-/// by the sandbox user (the local cluster's node is this machine).
-async fn host_path_claim(env: &E2e, name: &str) -> String {
-    let dir = format!("/tmp/ml-intern-e2e-pv/{}", env.namespace);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::process::Command::new("chmod")
-        .args(["0777", &dir])
-        .status()
-        .unwrap();
-    let pv_name = format!("{}-{name}", env.namespace);
-    let pv = format!(
-        r#"{{"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {{"name": "{pv_name}"}},
-           "spec": {{"capacity": {{"storage": "1Gi"}}, "accessModes": ["ReadWriteOnce"],
-                    "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
-                    "hostPath": {{"path": "{dir}", "type": "Directory"}}}}}}"#
-    );
-    let claim = format!(
-        r#"{{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {{"name": "{name}"}},
-           "spec": {{"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": "{pv_name}",
-                    "resources": {{"requests": {{"storage": "1Gi"}}}}}}}}"#
-    );
-    for manifest in [pv, claim] {
-        let out = env.kubectl_apply(&manifest);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    pv_name
-}
-
 /// Runs a session whose sandbox pod is deleted while a command runs, and returns what the
 /// model was told by that command and by the next one.
 async fn lose_the_pod(env: &E2e, session: &str, workspace: Value) -> (String, String) {
@@ -333,7 +301,7 @@ async fn a_sandbox_pod_lost_mid_session_is_recreated_and_the_model_is_told() {
         "the emptyDir went with the pod: {after}"
     );
 
-    let pv = host_path_claim(&env, "work").await;
+    let pv = env.host_path_claim("work").await;
     let (during, after) = lose_the_pod(&env, "durable", json!({"claimName": "work"})).await;
     assert!(during.contains("lost while this command ran"), "{during}");
     assert!(

@@ -702,6 +702,39 @@ impl Drop for E2e {
 
 impl E2e {
     /// `kubectl apply -f -` of `manifest` in the test namespace.
+    /// A hostPath PersistentVolume bound to a claim `name` in the test namespace, writable
+    /// by the sandbox user (the local cluster's node is this machine).
+    pub async fn host_path_claim(&self, name: &str) -> String {
+        let env = self;
+        let dir = format!("/tmp/ml-intern-e2e-pv/{}", env.namespace);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::process::Command::new("chmod")
+            .args(["0777", &dir])
+            .status()
+            .unwrap();
+        let pv_name = format!("{}-{name}", env.namespace);
+        let pv = format!(
+            r#"{{"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {{"name": "{pv_name}"}},
+               "spec": {{"capacity": {{"storage": "1Gi"}}, "accessModes": ["ReadWriteOnce"],
+                        "persistentVolumeReclaimPolicy": "Retain", "storageClassName": "",
+                        "hostPath": {{"path": "{dir}", "type": "Directory"}}}}}}"#
+        );
+        let claim = format!(
+            r#"{{"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {{"name": "{name}"}},
+               "spec": {{"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": "{pv_name}",
+                        "resources": {{"requests": {{"storage": "1Gi"}}}}}}}}"#
+        );
+        for manifest in [pv, claim] {
+            let out = env.kubectl_apply(&manifest);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        pv_name
+    }
+
     pub fn kubectl_apply(&self, manifest: &str) -> Output {
         self.kubectl_apply_as(None, manifest)
     }
