@@ -630,6 +630,8 @@ impl SessionRun {
             job_flavors,
             auto_approve_cap_usd: Some(self.auto_approval_cap()),
         };
+        // A look still under way from an earlier turn reports to that turn's closed channel.
+        self.following = false;
         let mut follow_tick = tokio::time::interval(self.ctx.config.job_follow_interval);
         follow_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let outcome = {
