@@ -10,6 +10,18 @@ pub fn truncate_chars(s: &str, max: usize) -> String {
 
 /// At most `max_bytes` bytes of `s`, cut on a character boundary, with a note of how much
 /// was left out.
+/// `s` as one word for `sh`: as is when it holds only characters the shell leaves alone,
+/// else in single quotes.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
 pub fn truncate_bytes(s: &str, max_bytes: usize) -> String {
     if s.len() <= max_bytes {
         return s.to_string();

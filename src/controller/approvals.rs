@@ -17,7 +17,8 @@ use crate::api::{AgentApproval, ApprovalDecision, ApprovalPhase};
 use crate::runtime::hardware::HardwarePresets;
 use crate::text::truncate_bytes;
 use crate::tools::jobs::{
-    CLUSTER_JOBS_TOOL, DEFAULT_TIMEOUT_SECS, Flavor, HF_JOBS_TOOL, cost_ceiling_usd, parse_timeout,
+    CLUSTER_JOBS_TOOL, DEFAULT_TIMEOUT_SECS, Flavor, HF_JOBS_TOOL, cost_ceiling_usd,
+    operation_name, parse_timeout,
 };
 use crate::tools::sandbox_create::SANDBOX_CREATE_TOOL;
 
@@ -38,13 +39,7 @@ pub struct PolicyGate {
 }
 
 fn job_operation(arguments: &Value) -> String {
-    arguments["operation"]
-        .as_str()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_lowercase()
+    operation_name(arguments["operation"].as_str().unwrap_or_default())
 }
 
 impl PolicyGate {

@@ -277,8 +277,13 @@ pub async fn follow(status: &mut AgentSessionStatus, backends: &JobBackends) -> 
     *status != before
 }
 
-/// Cancels the unfinished jobs not started with `detach`; returns their ids.
-pub async fn stop_attached(status: &mut AgentSessionStatus, backends: &JobBackends) -> Vec<String> {
+/// Cancels the unfinished jobs not started with `detach`, except those in `done` (stopped
+/// already, only recorded here); returns the ids it stopped or recorded.
+pub async fn stop_attached(
+    status: &mut AgentSessionStatus,
+    backends: &JobBackends,
+    done: &[String],
+) -> Vec<String> {
     let mut stopped = vec![];
     for job in status.jobs.iter_mut() {
         if is_final(&job.state) || job.detach {
@@ -287,7 +292,12 @@ pub async fn stop_attached(status: &mut AgentSessionStatus, backends: &JobBacken
         let Some(backend) = backends.of(&job.backend) else {
             continue;
         };
-        match backend.cancel(&job.id, job.namespace.as_deref()).await {
+        let cancelled = if done.contains(&job.id) {
+            Ok(())
+        } else {
+            backend.cancel(&job.id, job.namespace.as_deref()).await
+        };
+        match cancelled {
             Ok(()) => {
                 job.state = "Cancelled".into();
                 job.finished_at = Some(Timestamp::now().to_string());

@@ -258,7 +258,7 @@ async fn follow_jobs(session: &AgentSession, ctx: &Context) -> Option<Duration> 
         })
     };
     if let Some(why) = why {
-        let stopped = job_follower::stop_attached(&mut writer.status, &backends).await;
+        let stopped = job_follower::stop_attached(&mut writer.status, &backends, &[]).await;
         if !stopped.is_empty() {
             changed = true;
             ctx.publish(
@@ -392,7 +392,7 @@ async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action
         match resolve_hf_token(&ctx.client, &session.spec, &namespace).await {
             Ok(token) => {
                 let backends = JobBackends::for_session(&ctx, &session, token.as_deref());
-                let stopped = job_follower::stop_attached(&mut status, &backends).await;
+                let stopped = job_follower::stop_attached(&mut status, &backends, &[]).await;
                 if !stopped.is_empty() {
                     tracing::info!(session = %session.name_any(), jobs = %stopped.join(", "), "session deleted: jobs cancelled");
                 }

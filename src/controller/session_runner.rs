@@ -1268,7 +1268,9 @@ impl SessionRun {
                 vec![]
             }
         };
-        for id in job_follower::stop_attached(&mut self.status.status, &self.jobs).await {
+        // The cluster sweep (by label, for jobs status may not list) already deleted some.
+        let swept = stopped.clone();
+        for id in job_follower::stop_attached(&mut self.status.status, &self.jobs, &swept).await {
             if !stopped.contains(&id) {
                 stopped.push(id);
             }

@@ -234,13 +234,14 @@ impl HfJobsClient {
         request.bearer_auth(&self.token)
     }
 
-    /// Sends, retrying 429, 5xx and connection failures; the body of the final answer.
+    /// Sends, retrying 429, 5xx and connection failures; the body of the final answer and
+    /// the `Link: <…>; rel="next"` URL of a paginated one.
     async fn send(
         &self,
         method: &'static str,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<Vec<u8>, HfError> {
+    ) -> Result<(Vec<u8>, Option<String>), HfError> {
         let url = self.url(path);
         let mut attempt = 0;
         loop {
@@ -277,11 +278,15 @@ impl HfJobsClient {
                 tokio::time::sleep(delay).await;
                 continue;
             }
-            let header_message = response
-                .headers()
-                .get("x-error-message")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let header_message = header("x-error-message");
+            let next = header("link").as_deref().and_then(next_link);
             let bytes = response.bytes().await.map_err(|e| HfError::Unreachable {
                 url: url.clone(),
                 detail: crate::http::describe_error(&e),
@@ -295,7 +300,7 @@ impl HfJobsClient {
                         .unwrap_or_else(|| crate::llm::transport::error_message(&bytes)),
                 });
             }
-            return Ok(bytes.to_vec());
+            return Ok((bytes.to_vec(), next));
         }
     }
 
@@ -305,7 +310,7 @@ impl HfJobsClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<T, HfError> {
-        let bytes = self.send(method, path, body).await?;
+        let (bytes, _) = self.send(method, path, body).await?;
         serde_json::from_slice(&bytes).map_err(|e| HfError::InvalidResponse {
             path: path.to_string(),
             detail: e.to_string(),
@@ -342,33 +347,7 @@ impl HfJobsClient {
         }
         let mut jobs = vec![];
         for _ in 0..100 {
-            let url = self.url(&path);
-            let response = self
-                .authorized(self.http.get(&url))
-                .send()
-                .await
-                .map_err(|e| HfError::Unreachable {
-                    url: url.clone(),
-                    detail: crate::http::describe_error(&e),
-                })?;
-            let next = response
-                .headers()
-                .get("link")
-                .and_then(|v| v.to_str().ok())
-                .and_then(next_link);
-            let status = response.status().as_u16();
-            let bytes = response.bytes().await.map_err(|e| HfError::Unreachable {
-                url: url.clone(),
-                detail: crate::http::describe_error(&e),
-            })?;
-            if !(200..300).contains(&status) {
-                return Err(HfError::Status {
-                    method: "GET",
-                    path,
-                    status,
-                    message: crate::llm::transport::error_message(&bytes),
-                });
-            }
+            let (bytes, next) = self.send("GET", &path, None).await?;
             let page: Vec<HubJob> =
                 serde_json::from_slice(&bytes).map_err(|e| HfError::InvalidResponse {
                     path: path.clone(),

@@ -348,7 +348,7 @@ fn command(program: &Program) -> Vec<String> {
             // read-only; the script follows as "$@".
             let install = dependencies
                 .iter()
-                .map(|d| shell_quote(d))
+                .map(|d| crate::text::shell_quote(d))
                 .collect::<Vec<_>>()
                 .join(" ");
             let mut argv = vec![
@@ -361,10 +361,6 @@ fn command(program: &Program) -> Vec<String> {
             argv
         }
     }
-}
-
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 #[async_trait]

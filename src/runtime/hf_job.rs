@@ -109,7 +109,7 @@ pub fn image_and_command(program: &Program, image: Option<&str>) -> (String, Vec
                 }
                 Script::Code(code) => {
                     uv.push("-".into());
-                    uv.extend(args.iter().map(|a| shell_quote(a)));
+                    uv.extend(args.iter().map(|a| crate::text::shell_quote(a)));
                     let encoded = base64::engine::general_purpose::STANDARD.encode(code);
                     (
                         image,
@@ -123,16 +123,6 @@ pub fn image_and_command(program: &Program, image: Option<&str>) -> (String, Vec
             }
         }
     }
-}
-
-fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@,+".contains(c))
-    {
-        return s.to_string();
-    }
-    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 impl HfJobs {

@@ -126,9 +126,8 @@ fn describe_schedule(s: &ScheduleInfo) -> String {
 }
 
 /// The operation, normalised ("Scheduled  Run" is "scheduled run").
-fn operation(args: &Args) -> String {
-    args.operation
-        .split_whitespace()
+pub fn operation_name(raw: &str) -> String {
+    raw.split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
         .to_lowercase()
@@ -518,7 +517,7 @@ impl Tool for JobsTool {
                 )));
             }
         };
-        let op = operation(&args);
+        let op = operation_name(&args.operation);
         let result = match op.as_str() {
             "run" => self.run(&args).await,
             "ps" => self.ps(&args).await,
@@ -558,6 +557,6 @@ mod tests {
     fn operations_are_normalised() {
         let args: Args =
             serde_json::from_value(json!({"operation": " Scheduled   Suspend "})).unwrap();
-        assert_eq!(operation(&args), "scheduled suspend");
+        assert_eq!(operation_name(&args.operation), "scheduled suspend");
     }
 }
