@@ -14,7 +14,10 @@ const MINUTE: Duration = Duration::from_secs(60);
 
 /// A pure-Python least-squares fit that reports its loss as metric lines and writes its
 /// result next to it (the sandbox's /workspace, a claim the job shares).
-const TRAIN: &str = r#"import json
+/// It pauses first, as a real job loading its data would: the Job's timestamps have
+/// one-second precision, and the cost assertion needs it to run for more than a second.
+const TRAIN: &str = r#"import json, time
+time.sleep(2)
 xs = [0.0, 1.0, 2.0, 3.0, 4.0]
 ys = [1.0, 3.1, 4.9, 7.2, 8.8]
 w, b = 0.0, 0.0
