@@ -289,12 +289,23 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
     let _ = env.kubectl(&["delete", "pv", &pv, "--wait=false"]);
 }
 
+/// A job with more output than one read of its log (6 MB of progress lines), then a
+/// metric, then a long wait.
+const CHATTY: &str = r#"import json, time
+for i in range(6000):
+    print(f"progress {i:05d} " + "." * 1000)
+print(json.dumps({"metric": "loss", "value": 0.5, "step": 7}), flush=True)
+time.sleep(600)
+"#;
+
+/// The controller follows a running job from the end of its log, and a suspend stops it.
 #[tokio::test]
 async fn suspending_a_session_stops_its_jobs_but_not_detached_ones() {
     let env = E2e::start_with(
         "jobsuspend",
         support::E2eOptions {
             sandbox_hardware: Some(HARDWARE.into()),
+            controller_args: ["--job-follow-interval", "1"].map(str::to_string).to_vec(),
             ..Default::default()
         },
     )
@@ -304,7 +315,7 @@ async fn suspending_a_session_stops_its_jobs_but_not_detached_ones() {
         Step::ToolCalls(vec![
             (
                 "cluster_jobs",
-                json!({"operation": "run", "command": ["sleep", "600"]}),
+                json!({"operation": "run", "script": CHATTY}),
             ),
             (
                 "cluster_jobs",
@@ -339,6 +350,17 @@ async fn suspending_a_session_stops_its_jobs_but_not_detached_ones() {
                 .labels
                 .as_ref()
                 .is_some_and(|l| l.contains_key("ml-intern.io/detach"))
+    })
+    .await;
+    // Its metric comes after more than the 4 MiB one read of a log returns.
+    env.wait_for_session("pausable", 2 * MINUTE, "the job's metric", |s| {
+        s.status.as_ref().is_some_and(|st| {
+            st.jobs.iter().any(|j| {
+                j.metrics.iter().any(|m| {
+                    (m.name.as_str(), m.value.as_str(), m.step) == ("loss", "0.5", Some(7))
+                })
+            })
+        })
     })
     .await;
     env.patch_spec("pausable", json!({"suspend": true})).await;

@@ -34,6 +34,7 @@ fn backend(hub: &FakeHfHub, namespace: Option<&str>) -> HfJobs {
         deadline: Duration::from_secs(20),
         max_errors: 3,
         reconnect_delay: Duration::from_millis(50),
+        tail: None,
     };
     jobs
 }
@@ -52,6 +53,17 @@ fn tool(
         },
         rx,
     )
+}
+
+/// A Docker-image job for `alice`, following the hub's next plan.
+async fn start_job(client: &HfJobsClient) -> ml_intern::hf::jobs_api::HubJob {
+    let spec = ml_intern::hf::jobs_api::JobSpec {
+        docker_image: Some("python:3.12".into()),
+        command: vec!["python".into()],
+        flavor: "cpu-basic".into(),
+        ..Default::default()
+    };
+    client.run(USER, &spec).await.expect("the job is created")
 }
 
 async fn call(tool: &JobsTool, args: Value) -> (bool, String) {
@@ -197,18 +209,7 @@ async fn logs_survive_replays_keep_alives_and_early_ends_without_duplicates() {
     });
     let jobs = backend(&hub, None);
     let client = &jobs.client;
-    let job = client
-        .run(
-            USER,
-            &ml_intern::hf::jobs_api::JobSpec {
-                docker_image: Some("python:3.12".into()),
-                command: vec!["python".into()],
-                flavor: "cpu-basic".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("the job is created");
+    let job = start_job(client).await;
     // Following: the first stream ends after the banner and two lines; the second replays
     // them; keep-alives come while the job runs and after it ends.
     let follow = LogOptions {
@@ -217,6 +218,7 @@ async fn logs_survive_replays_keep_alives_and_early_ends_without_duplicates() {
         deadline: Duration::from_secs(20),
         max_errors: 3,
         reconnect_delay: Duration::from_millis(50),
+        tail: None,
     };
     let logs = client
         .logs(USER, &job.id, &follow)
@@ -238,6 +240,65 @@ async fn logs_survive_replays_keep_alives_and_early_ends_without_duplicates() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A running job that prints all the time never leaves its stream idle: reading what exists
+/// now stops where the replayed history ends, and following its progress reads only the
+/// end of the history (`tail`).
+#[tokio::test]
+async fn a_chatty_running_job_is_read_up_to_now_and_followed_from_its_tail() {
+    use ml_intern::tools::jobs::JobBackend;
+    let hub = FakeHfHub::start().await;
+    let lines: Vec<String> = (1..=3000)
+        .map(|i| {
+            format!(
+                r#"{{"metric": "loss", "value": {}, "step": {i}}}"#,
+                1.0 / i as f64
+            )
+        })
+        .collect();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    // 100 lines a second, far below the 700 ms idle time.
+    hub.plan_next_job(JobPlan::completes(&refs, Duration::from_secs(30)));
+    let jobs = backend(&hub, None);
+    let job = start_job(&jobs.client).await;
+    // Let it print a few hundred lines of history.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let started = std::time::Instant::now();
+    let now = jobs.logs(&job.id, None).await.expect("the logs are read");
+    let took = started.elapsed();
+    let now: Vec<&str> = now.lines().collect();
+    assert!(
+        took < Duration::from_secs(10),
+        "returned where the history ends, not at the 20 s deadline: {took:?}"
+    );
+    assert!(now.len() >= 250, "the history so far: {} lines", now.len());
+    assert_eq!(now[0], lines[0], "from the start");
+    assert_eq!(now, refs[..now.len()], "in order, once each");
+
+    let tail = jobs
+        .log_tail(&job.id, None, 50)
+        .await
+        .expect("the tail is read");
+    let tail: Vec<&str> = tail.lines().collect();
+    let first = refs
+        .iter()
+        .position(|l| *l == tail[0])
+        .expect("a line the job printed");
+    assert!(
+        first >= now.len() - 50,
+        "the end of the history: line {first}"
+    );
+    // 50 lines of history, then what came in the second the reader allows for clocks that
+    // differ.
+    assert!((50..300).contains(&tail.len()), "{} lines", tail.len());
+    assert_eq!(tail, refs[first..first + tail.len()], "in order, once each");
+    let asked = hub.requests_to("GET", &format!("/api/jobs/{USER}/{}/logs", job.id));
+    assert_eq!(asked.len(), 2, "one connection each");
+    assert_eq!(asked[0].query, None);
+    assert_eq!(asked[1].query.as_deref(), Some("tail=50"));
+    assert_eq!(hub.stage(&job.id).as_deref(), Some("RUNNING"));
 }
 
 #[tokio::test]

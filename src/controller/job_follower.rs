@@ -161,11 +161,18 @@ fn apply_metrics(job: &mut JobStatus, metrics: &[crate::tools::jobs::Metric]) {
             step: m.step,
         };
         match job.metrics.iter().position(|x| x.name == entry.name) {
+            // Looks read different parts of a log (the tool from its start, the follower
+            // its end): a stepped value never goes back to an earlier step.
+            Some(i) if older(&entry, &job.metrics[i]) => {}
             Some(i) => job.metrics[i] = entry,
             None if job.metrics.len() < JOB_METRICS_MAX => job.metrics.push(entry),
             None => {}
         }
     }
+}
+
+fn older(new: &JobMetric, kept: &JobMetric) -> bool {
+    matches!((new.step, kept.step), (Some(n), Some(k)) if n < k)
 }
 
 /// Each job's cost so far (its price times the time it has run, up to `now` for running
@@ -212,6 +219,9 @@ pub fn any_unfinished(status: &AgentSessionStatus) -> bool {
     status.jobs.iter().any(|j| !is_final(&j.state))
 }
 
+/// How much of a job's log one look reads: the end, where the newest metrics are.
+const FOLLOW_TAIL_LINES: usize = 1000;
+
 /// A job to look at: its backend, id and namespace.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Target {
@@ -253,7 +263,8 @@ pub async fn look(targets: &[Target], backends: &JobBackends) -> Vec<JobObservat
                 continue;
             }
         }
-        if let Ok(logs) = backend.logs(&t.id, t.namespace.as_deref()).await {
+        let tail = backend.log_tail(&t.id, t.namespace.as_deref(), FOLLOW_TAIL_LINES);
+        if let Ok(logs) = tail.await {
             let metrics = parse_metrics(&logs);
             if !metrics.is_empty() {
                 seen.push(JobObservation::Metrics {
@@ -384,5 +395,60 @@ mod tests {
             "a running job is kept"
         );
         assert_eq!(status.jobs_cost_usd.as_deref(), Some("23.0000"));
+    }
+
+    #[test]
+    fn metrics_keep_the_newest_step_whatever_part_of_the_log_was_read_last() {
+        let mut status = AgentSessionStatus::default();
+        let metric = |name: &str, value: &str, step: Option<i64>| crate::tools::jobs::Metric {
+            name: name.into(),
+            value: value.into(),
+            step,
+        };
+        let seen = |metrics| JobObservation::Metrics {
+            id: "j".into(),
+            metrics,
+        };
+        record(
+            &mut status,
+            JobObservation::State {
+                backend: "cluster",
+                info: JobInfo {
+                    id: "j".into(),
+                    state: "Running".into(),
+                    ..Default::default()
+                },
+                usd_per_hour: None,
+            },
+        );
+        // The follower reads the end of the log, then the model the start of it.
+        record(
+            &mut status,
+            seen(vec![
+                metric("loss", "0.1", Some(300)),
+                metric("lr", "1e-5", None),
+            ]),
+        );
+        record(
+            &mut status,
+            seen(vec![
+                metric("loss", "0.9", Some(100)),
+                metric("lr", "3e-5", None),
+                metric("acc", "0.5", Some(100)),
+            ]),
+        );
+        let got: Vec<(&str, &str, Option<i64>)> = status.jobs[0]
+            .metrics
+            .iter()
+            .map(|m| (m.name.as_str(), m.value.as_str(), m.step))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("loss", "0.1", Some(300)),
+                ("lr", "3e-5", None),
+                ("acc", "0.5", Some(100))
+            ]
+        );
     }
 }

@@ -1,11 +1,14 @@
 //! Reading a HF job's logs from its server-sent event stream, which replays the whole
 //! history on every connection, sends keep-alive comments, may end early or stay open and
 //! silent after the job is done. Reconnects skip the events already read (by index), and
-//! whether to reconnect is decided by the job's stage, as the Hub's own client does.
+//! whether to reconnect is decided by the job's stage, as the Hub's own client does. A read
+//! of what exists now stops once the replay is over and the lines are live (stamped after
+//! the connection was made), so a chatty running job does not hold it until its deadline.
 
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::jobs_api::{HfError, HfJobsClient, seg};
 use crate::llm::sse::{SseEvent, SseParser};
@@ -23,7 +26,15 @@ pub struct LogOptions {
     pub max_errors: usize,
     /// Wait before reconnecting.
     pub reconnect_delay: Duration,
+    /// Only the last this many lines of the history (the platform's `tail`). Such a read
+    /// cannot skip replayed events by index, so it reconnects only while it has read
+    /// nothing.
+    pub tail: Option<usize>,
 }
+
+/// Lines stamped this long after the connection was made are live output, not replay;
+/// the margin absorbs clock differences between the platform and us.
+const LIVE_AFTER: SignedDuration = SignedDuration::from_secs(1);
 
 impl LogOptions {
     /// What exists now: ml-intern's non-following read (5 s idle).
@@ -34,6 +45,7 @@ impl LogOptions {
             deadline: Duration::from_secs(60),
             max_errors: 5,
             reconnect_delay: Duration::from_secs(1),
+            tail: None,
         }
     }
 }
@@ -55,6 +67,8 @@ enum StreamEnd {
     Broken(HfError),
     /// The "===== Job finished" banner.
     Finished,
+    /// The history is replayed and new lines are coming (only when not following).
+    Live,
 }
 
 impl HfJobsClient {
@@ -82,7 +96,8 @@ impl HfJobsClient {
                     out.ended = true;
                     return Ok(out);
                 }
-                StreamEnd::Idle if !options.follow => return Ok(out),
+                StreamEnd::Idle | StreamEnd::Live if !options.follow => return Ok(out),
+                _ if options.tail.is_some() && seen > 0 => return Ok(out),
                 StreamEnd::Broken(e) => {
                     errors += 1;
                     if errors > options.max_errors {
@@ -93,7 +108,7 @@ impl HfJobsClient {
                         };
                     }
                 }
-                StreamEnd::Idle | StreamEnd::Closed => {}
+                StreamEnd::Idle | StreamEnd::Closed | StreamEnd::Live => {}
             }
             // The stream stopped: reconnect only while the job can still print.
             match self.inspect(namespace, id).await {
@@ -123,11 +138,15 @@ impl HfJobsClient {
         seen: &mut usize,
         lines: &mut Vec<String>,
     ) -> Result<StreamEnd, HfError> {
-        let path = format!("/api/jobs/{}/{}/logs", seg(namespace), seg(id));
+        let mut path = format!("/api/jobs/{}/{}/logs", seg(namespace), seg(id));
+        if let Some(tail) = options.tail {
+            path.push_str(&format!("?tail={tail}"));
+        }
         let url = self.url(&path);
         let request = self
             .authorized(self.streaming.get(&url))
             .header("accept", "text/event-stream");
+        let live_from = Timestamp::now() + LIVE_AFTER;
         let response = match tokio::time::timeout(left, request.send()).await {
             Err(_) => return Ok(StreamEnd::Idle),
             Ok(Err(e)) => {
@@ -186,10 +205,16 @@ impl HfJobsClient {
                 }
                 *seen = index;
                 last_line = Instant::now();
-                let line = serde_json::from_str::<serde_json::Value>(&event.data)
-                    .ok()
-                    .and_then(|v| v["data"].as_str().map(str::to_string));
-                let Some(line) = line else { continue };
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&event.data) else {
+                    continue;
+                };
+                let live = event["timestamp"]
+                    .as_str()
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+                    .is_some_and(|t| t >= live_from);
+                let Some(line) = event["data"].as_str().map(str::to_string) else {
+                    continue;
+                };
                 if line.starts_with("===== Job started") {
                     continue;
                 }
@@ -197,6 +222,9 @@ impl HfJobsClient {
                     return Ok(StreamEnd::Finished);
                 }
                 lines.push(line);
+                if live && !options.follow {
+                    return Ok(StreamEnd::Live);
+                }
             }
         }
     }

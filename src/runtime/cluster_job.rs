@@ -227,6 +227,28 @@ impl ClusterJobs {
         }
     }
 
+    /// The job container's output (its last `tail_lines` lines, or from the start), at most
+    /// `LOG_LIMIT_BYTES`.
+    async fn pod_log(&self, id: &str, tail_lines: Option<i64>) -> Result<String, String> {
+        self.own_job(id).await?;
+        let Some(pod) = self.pod_of(id).await else {
+            return Ok(String::new());
+        };
+        let name = pod.metadata.name.unwrap_or_default();
+        let params = LogParams {
+            container: Some(JOB_CONTAINER.into()),
+            limit_bytes: Some(LOG_LIMIT_BYTES),
+            tail_lines,
+            ..Default::default()
+        };
+        match self.pods.logs(&name, &params).await {
+            Ok(text) => Ok(text),
+            // Not started yet: no logs, which is not an error.
+            Err(kube::Error::Api(e)) if e.code == 400 => Ok(String::new()),
+            Err(e) => Err(kube_error_text(&e)),
+        }
+    }
+
     /// `job` as the tool reports it; `pod` is its (latest) pod, if it has one.
     fn info(job: &Job, pod: Option<&Pod>) -> JobInfo {
         let id = job.metadata.name.clone().unwrap_or_default();
@@ -428,22 +450,12 @@ impl JobBackend for ClusterJobs {
     }
 
     async fn logs(&self, id: &str, _: Option<&str>) -> Result<String, String> {
-        self.own_job(id).await?;
-        let Some(pod) = self.pod_of(id).await else {
-            return Ok(String::new());
-        };
-        let name = pod.metadata.name.unwrap_or_default();
-        let params = LogParams {
-            container: Some(JOB_CONTAINER.into()),
-            limit_bytes: Some(LOG_LIMIT_BYTES),
-            ..Default::default()
-        };
-        match self.pods.logs(&name, &params).await {
-            Ok(text) => Ok(text),
-            // Not started yet: no logs, which is not an error.
-            Err(kube::Error::Api(e)) if e.code == 400 => Ok(String::new()),
-            Err(e) => Err(kube_error_text(&e)),
-        }
+        self.pod_log(id, None).await
+    }
+
+    async fn log_tail(&self, id: &str, _: Option<&str>, lines: usize) -> Result<String, String> {
+        self.pod_log(id, Some(i64::try_from(lines).unwrap_or(i64::MAX)))
+            .await
     }
 
     async fn cancel(&self, id: &str, _: Option<&str>) -> Result<(), String> {

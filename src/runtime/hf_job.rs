@@ -288,6 +288,22 @@ impl JobBackend for HfJobs {
         Ok(logs.lines.join("\n"))
     }
 
+    async fn log_tail(
+        &self,
+        id: &str,
+        namespace: Option<&str>,
+        lines: usize,
+    ) -> Result<String, String> {
+        let ns = self.namespace(namespace).await?;
+        let options = LogOptions {
+            tail: Some(lines),
+            follow: false,
+            ..self.log_options.clone()
+        };
+        let logs = self.client.logs(&ns, id, &options).await.map_err(text)?;
+        Ok(logs.lines.join("\n"))
+    }
+
     async fn cancel(&self, id: &str, namespace: Option<&str>) -> Result<(), String> {
         let ns = self.namespace(namespace).await?;
         self.client.cancel(&ns, id).await.map_err(text)

@@ -103,6 +103,19 @@ pub trait JobBackend: Send + Sync {
     async fn inspect(&self, id: &str, namespace: Option<&str>) -> Result<JobInfo, String>;
     /// The job's output so far (stdout and stderr), one line per entry.
     async fn logs(&self, id: &str, namespace: Option<&str>) -> Result<String, String>;
+    /// The last `lines` lines of the job's output: what following its progress reads, as a
+    /// long job prints more than one look should fetch. Metrics seen in earlier looks stay
+    /// in status, so only what was printed since matters.
+    async fn log_tail(
+        &self,
+        id: &str,
+        namespace: Option<&str>,
+        lines: usize,
+    ) -> Result<String, String> {
+        let all = self.logs(id, namespace).await?;
+        let kept: Vec<&str> = all.lines().collect();
+        Ok(kept[kept.len().saturating_sub(lines)..].join("\n"))
+    }
     async fn cancel(&self, id: &str, namespace: Option<&str>) -> Result<(), String>;
     /// The hardware on offer, for validation, descriptions and cost.
     async fn flavors(&self) -> Result<Vec<Flavor>, String>;

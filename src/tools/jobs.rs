@@ -17,6 +17,8 @@ pub const CLUSTER_JOBS_TOOL: &str = "cluster_jobs";
 pub const HF_JOBS_TOOL: &str = "hf_jobs";
 /// Log text returned by `logs` (the tail is kept).
 const LOGS_MAX_CHARS: usize = 25_000;
+/// `logs` shows the end of a job's output, where its current progress is.
+const LOGS_MAX_LINES: usize = 2_000;
 /// Log lines returned by `run`.
 const FIRST_LINES: usize = 20;
 
@@ -291,16 +293,16 @@ impl JobsTool {
 
     async fn logs(&self, args: &Args) -> Result<String, String> {
         let id = Self::job_id(args)?;
-        let logs = self.backend.logs(&id, args.namespace.as_deref()).await?;
+        let ns = args.namespace.as_deref();
+        let logs = self.backend.log_tail(&id, ns, LOGS_MAX_LINES).await?;
         self.tell_metrics(&id, &logs).await;
         let logs = super::bash::strip_ansi(&logs);
         let total = logs.chars().count();
         Ok(if total > LOGS_MAX_CHARS {
             let tail: String = logs.chars().skip(total - LOGS_MAX_CHARS).collect();
-            format!(
-                "[… {} earlier characters not shown]\n{tail}",
-                total - LOGS_MAX_CHARS
-            )
+            format!("[… earlier output not shown]\n{tail}")
+        } else if logs.lines().count() >= LOGS_MAX_LINES {
+            format!("[… earlier output not shown]\n{logs}")
         } else if logs.is_empty() {
             "(no output yet)".into()
         } else {
@@ -448,7 +450,8 @@ impl JobsTool {
             format!(
                 "Run training or compute on Hugging Face Jobs (billed hardware). \
                  operation=run submits and returns at once with the job id, its page and \
-                 first log lines; follow it with ps, logs and inspect; cancel stops it. A \
+                 first log lines; follow it with ps, logs (the end of its output) and inspect; \
+                 cancel stops it. A \
                  script is Python code, a path in the sandbox or a URL, run with uv and the \
                  given dependencies (image ghcr.io/astral-sh/uv:python3.12-bookworm); or give \
                  command (argv) and image (default python:3.12). HF_TOKEN is set in the job. \
@@ -461,7 +464,8 @@ impl JobsTool {
             format!(
                 "Run training or compute as a Kubernetes Job on the cluster, beside the \
                  sandbox. operation=run submits and returns at once with the job id and its \
-                 first log lines; follow it with ps, logs and inspect; cancel stops it. A \
+                 first log lines; follow it with ps, logs (the end of its output) and inspect; \
+                 cancel stops it. A \
                  script is Python code or a path in the sandbox; or give command (argv) and \
                  image. The job sees the sandbox's /workspace when it is a volume claim. Print \
                  progress as JSON lines like {{\"metric\": \"loss\", \"value\": 0.3, \"step\": 10}}. \

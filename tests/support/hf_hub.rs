@@ -1,8 +1,8 @@
 //! A local Hugging Face Jobs server, written from the documented API (whoami-v2, jobs,
 //! logs as server-sent events, hardware, scheduled jobs). Each job follows a plan the test
 //! sets: its log lines, how long it runs, how it ends, and how its log stream misbehaves
-//! (keep-alives, replay from the start on every connection, early ends). Every request is
-//! kept for assertions.
+//! (keep-alives, replay from the start on every connection, early ends, `tail`). Each line
+//! is stamped with the time it was printed. Every request is kept for assertions.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};
 
 pub const USER: &str = "alice";
@@ -57,6 +58,7 @@ struct FakeJob {
     info: Value,
     plan: JobPlan,
     started: Instant,
+    started_at: Timestamp,
     cancelled: bool,
     log_connections: usize,
 }
@@ -87,6 +89,13 @@ impl FakeJob {
             self.plan.lines.len()
         };
         self.plan.lines[..n.min(self.plan.lines.len())].to_vec()
+    }
+
+    /// When line `i` was (or will be) printed: the lines are spread evenly over the run.
+    fn printed_at(&self, i: usize) -> Timestamp {
+        let share = (i + 1) as f64 / self.plan.lines.len().max(1) as f64;
+        let after = self.plan.runs_for.mul_f64(share);
+        self.started_at + SignedDuration::try_from(after).unwrap_or(SignedDuration::ZERO)
     }
 
     fn view(&self) -> Value {
@@ -343,6 +352,7 @@ async fn run_job(
         info,
         plan,
         started: Instant::now(),
+        started_at: Timestamp::now(),
         cancelled: false,
         log_connections: 0,
     };
@@ -405,36 +415,51 @@ async fn cancel_job(State(hub): State<Shared>, Path((ns, id)): Path<(String, Str
     }
 }
 
-fn event(line: &str) -> Bytes {
+fn event(line: &str, at: Timestamp) -> Bytes {
     Bytes::from(format!(
         "data: {}\n\n",
-        json!({"data": line, "timestamp": "2026-11-22T10:00:01.000Z"})
+        json!({"data": line, "timestamp": at.to_string()})
     ))
 }
 
 /// The history from the start, then new lines as they come, with keep-alives between; the
 /// stream stays open (silent but for keep-alives) after the job ends, as the Hub's does.
-async fn job_logs(State(hub): State<Shared>, Path((ns, id)): Path<(String, String)>) -> Response {
+/// With `tail=N` the history is its last N lines, without the banner.
+async fn job_logs(
+    State(hub): State<Shared>,
+    Path((ns, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
     if let Err(r) = allowed(&ns) {
         return *r;
     }
-    let cut_after = {
+    let tail = query
+        .as_deref()
+        .and_then(|q| q.strip_prefix("tail="))
+        .and_then(|n| n.parse::<usize>().ok());
+    let (cut_after, started_at, skipped) = {
         let mut h = hub.lock().unwrap();
         let Some(job) = h.jobs.get_mut(&id) else {
             return StatusCode::NOT_FOUND.into_response();
         };
         job.log_connections += 1;
-        if job.log_connections == 1 {
+        let cut = if job.log_connections == 1 {
             job.plan.first_stream_ends_after
         } else {
             None
-        }
+        };
+        let skipped = tail.map(|n| job.printed().len().saturating_sub(n));
+        (cut, job.started_at, skipped)
     };
-    // (hub, job id, events sent, cut after, banner sent)
-    let state = (hub, id, 0usize, cut_after, false);
-    let stream = futures::stream::unfold(state, |(hub, id, sent, cut, banner)| async move {
+    // (hub, job id, events sent, cut after, banner sent); `sent` counts the banner, also
+    // when `tail` left it out.
+    let state = match skipped {
+        Some(skip) => (hub, id, 1 + skip, cut_after, true),
+        None => (hub, id, 0usize, cut_after, false),
+    };
+    let stream = futures::stream::unfold(state, move |(hub, id, sent, cut, banner)| async move {
         if !banner {
-            let b = event("===== Job started at 2026-11-22 10:00:00 =====");
+            let b = event("===== Job started at 2026-11-22 10:00:00 =====", started_at);
             return Some((Ok::<_, std::io::Error>(b), (hub, id, sent + 1, cut, true)));
         }
         if cut.is_some_and(|c| sent >= c) {
@@ -442,11 +467,19 @@ async fn job_logs(State(hub): State<Shared>, Path((ns, id)): Path<(String, Strin
         }
         let printed = {
             let h = hub.lock().unwrap();
-            h.jobs.get(&id).map(FakeJob::printed).unwrap_or_default()
+            h.jobs
+                .get(&id)
+                .map(|j| {
+                    let lines = j.printed();
+                    let at = (0..lines.len())
+                        .map(|i| j.printed_at(i))
+                        .collect::<Vec<_>>();
+                    lines.into_iter().zip(at).collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
         };
-        // `sent` counts the banner.
-        if let Some(line) = printed.get(sent - 1) {
-            let b = event(line);
+        if let Some((line, at)) = printed.get(sent - 1) {
+            let b = event(line, *at);
             return Some((Ok(b), (hub, id, sent + 1, cut, true)));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
