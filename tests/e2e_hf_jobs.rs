@@ -54,6 +54,10 @@ async fn hf_jobs_wait_for_approval_are_followed_to_the_end_and_cancelled_with_th
                 "hf_jobs",
                 json!({"operation": "run", "command": ["python", "-m", "http.server"]}),
             ),
+            (
+                "hf_jobs",
+                json!({"operation": "scheduled run", "command": ["python", "eval.py"], "schedule": "@daily"}),
+            ),
         ]),
         Step::Answer("Both jobs are running; I will check on them later.".into()),
     ])
@@ -68,12 +72,12 @@ async fn hf_jobs_wait_for_approval_are_followed_to_the_end_and_cancelled_with_th
     )
     .await;
 
-    // Both runs wait, each with the most it can cost (price x timeout).
+    // The runs wait, each with the most it can cost (price x timeout), and the schedule.
     let waiting = env
         .wait_for_session("hub-trainer", 2 * MINUTE, "the runs to wait", |s| {
             s.status
                 .as_ref()
-                .is_some_and(|st| st.pending_approvals.len() == 2)
+                .is_some_and(|st| st.pending_approvals.len() == 3)
         })
         .await;
     let pending = waiting.status.unwrap().pending_approvals;
@@ -128,6 +132,11 @@ async fn hf_jobs_wait_for_approval_are_followed_to_the_end_and_cancelled_with_th
     assert_eq!(train.usd_per_hour.as_deref(), Some("0.4"));
     let serve = &status.jobs[1];
     assert_eq!(serve.state, "Running");
+    let schedule = &status.schedules[0];
+    assert_eq!(
+        (schedule.schedule.as_str(), schedule.namespace.as_deref()),
+        ("@daily", Some(USER))
+    );
     assert!(status.jobs_cost_usd.is_some());
     let shown = serde_json::to_string(&status).unwrap();
     assert!(
@@ -141,15 +150,11 @@ async fn hf_jobs_wait_for_approval_are_followed_to_the_end_and_cancelled_with_th
         .await
         .unwrap();
     let cancel = format!("/api/jobs/{USER}/{}/cancel", serve.id);
-    let deadline = tokio::time::Instant::now() + MINUTE;
-    while hub.requests_to("POST", &cancel).is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the running job was not cancelled"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    hub.wait_for_request("POST", &cancel, MINUTE).await;
     assert_eq!(hub.stage(&serve.id).as_deref(), Some("CANCELED"));
+    // And deletes its schedule.
+    let delete = format!("/api/scheduled-jobs/{USER}/{}", schedule.id);
+    hub.wait_for_request("DELETE", &delete, MINUTE).await;
     let finished_cancel = format!("/api/jobs/{USER}/{}/cancel", train.id);
     assert!(hub.requests_to("POST", &finished_cancel).is_empty());
 }

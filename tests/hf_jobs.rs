@@ -7,6 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ml_intern::api::AgentSessionStatus;
+use ml_intern::controller::job_follower;
 use ml_intern::hf::HfJobsClient;
 use ml_intern::hf::job_logs::LogOptions;
 use ml_intern::runtime::hf_job::{HfJobs, UV_IMAGE};
@@ -460,4 +462,103 @@ async fn scheduled_jobs_are_created_listed_inspected_suspended_resumed_and_delet
     )
     .await;
     assert!(!ok && out.contains("needs schedule"), "{out}");
+}
+
+/// What the tool observed of jobs and schedules, folded into a session's status as the
+/// controller does.
+fn recorded(rx: &mut tokio::sync::mpsc::Receiver<JobObservation>) -> AgentSessionStatus {
+    let mut status = AgentSessionStatus::default();
+    while let Ok(seen) = rx.try_recv() {
+        job_follower::record(&mut status, seen);
+    }
+    status
+}
+
+/// A stopped session (suspended, failed, over budget) cancels its running job and
+/// suspends its schedule; a deleted one deletes the schedule; detached ones are left alone.
+#[tokio::test]
+async fn stopping_a_session_suspends_its_schedules_and_deleting_it_deletes_them() {
+    let hub = FakeHfHub::start().await;
+    hub.plan_next_job(JobPlan::completes(&["working"], Duration::from_secs(600)));
+    let (tool, mut rx) = tool(&hub, None);
+    let (_, out) = call(
+        &tool,
+        json!({"operation": "run", "command": ["sleep", "600"]}),
+    )
+    .await;
+    let job = job_id(&out);
+    let mut schedules = vec![];
+    for args in [
+        json!({"operation": "scheduled run", "command": ["python", "eval.py"], "schedule": "@daily"}),
+        json!({"operation": "scheduled run", "command": ["python", "report.py"], "schedule": "@weekly", "detach": true}),
+    ] {
+        let (ok, out) = call(&tool, args).await;
+        assert!(ok, "{out}");
+        let id = out.lines().find_map(|l| l.strip_prefix("Scheduled job: "));
+        schedules.push(id.expect("an id").to_string());
+    }
+    let mut status = recorded(&mut rx);
+    let listed: Vec<(&str, &str, bool, bool)> = status
+        .schedules
+        .iter()
+        .map(|s| (s.id.as_str(), s.schedule.as_str(), s.suspended, s.detach))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (schedules[0].as_str(), "@daily", false, false),
+            (schedules[1].as_str(), "@weekly", false, true)
+        ]
+    );
+    assert_eq!(status.schedules[0].namespace.as_deref(), Some(USER));
+
+    let backends = job_follower::JobBackends {
+        cluster: None,
+        huggingface: Some(tool.backend.clone()),
+    };
+    let stopped = job_follower::stop_attached(&mut status, &backends, &[]).await;
+    assert_eq!(stopped.jobs, [job.as_str()]);
+    assert_eq!(stopped.schedules, [schedules[0].as_str()]);
+    assert_eq!(
+        stopped.describe(),
+        format!(
+            "stopped running jobs {job}; suspended schedules {}",
+            schedules[0]
+        )
+    );
+    let base = format!("/api/scheduled-jobs/{USER}");
+    let suspends: Vec<String> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.path.ends_with("/suspend"))
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(suspends, [format!("{base}/{}/suspend", schedules[0])]);
+    assert!(status.schedules[0].suspended && !status.schedules[1].suspended);
+    assert_eq!(hub.stage(&job).as_deref(), Some("CANCELED"));
+    // Stopping again asks nothing more of the platform.
+    let again = job_follower::stop_attached(&mut status, &backends, &[]).await;
+    assert!(again.is_empty(), "{again:?}");
+
+    let deleted = job_follower::delete_schedules(&mut status, &backends).await;
+    assert_eq!(deleted, [schedules[0].as_str()]);
+    let deletes: Vec<String> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "DELETE")
+        .map(|r| r.path)
+        .collect();
+    assert_eq!(deletes, [format!("{base}/{}", schedules[0])]);
+    assert_eq!(status.schedules.len(), 1);
+    assert_eq!(status.schedules[0].id, schedules[1]);
+
+    // The agent deleting a schedule itself takes it off the list.
+    let (ok, _) = call(
+        &tool,
+        json!({"operation": "scheduled delete", "scheduled_job_id": schedules[1]}),
+    )
+    .await;
+    assert!(ok);
+    job_follower::record(&mut status, rx.try_recv().expect("an observation"));
+    assert!(status.schedules.is_empty());
 }

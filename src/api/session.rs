@@ -257,6 +257,35 @@ pub struct JobMetric {
     pub step: Option<i64>,
 }
 
+/// Most schedules kept in `status.schedules`.
+pub const SCHEDULES_MAX: usize = 20;
+
+/// A scheduled (cron) job the agent created; it goes with the session unless created with
+/// `detach: true`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleStatus {
+    /// Where its runs go: `huggingface`.
+    pub backend: String,
+    /// The scheduled job's id.
+    pub id: String,
+    /// The HF namespace it belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Cron expression or `@hourly`, `@daily`, `@weekly`, `@monthly`.
+    pub schedule: String,
+    /// Not starting runs: suspended by the agent, or by the controller when the session was
+    /// suspended or stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+    /// Created with `detach: true`: left alone when the session stops or is deleted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
+    /// The next run (RFC 3339), as the platform last said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run_at: Option<String>,
+}
+
 /// A decided request, kept in `status.approvalHistory`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -543,6 +572,12 @@ pub struct AgentSessionStatus {
     /// until they end (the latest 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<JobStatus>,
+
+    /// Scheduled jobs the agent created (`hf_jobs` `scheduled run`); those not created with
+    /// `detach: true` are suspended when the session is suspended or stopped and deleted
+    /// with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<ScheduleStatus>,
 
     /// Estimated cost of the session's jobs so far (USD), finished ones included; it counts
     /// towards `spec.budget.maxCostUsd` and the `Budgeted` cap with the model's cost.

@@ -10,14 +10,16 @@ use kube::api::Api;
 use kube::{Resource, ResourceExt};
 
 use super::context::Context;
-use crate::api::session::{JOB_METRICS_MAX, JOBS_MAX, JobMetric, JobStatus};
+use crate::api::session::{
+    JOB_METRICS_MAX, JOBS_MAX, JobMetric, JobStatus, SCHEDULES_MAX, ScheduleStatus,
+};
 use crate::api::{AgentSession, AgentSessionStatus};
 use crate::hf::HfJobsClient;
 use crate::runtime::cluster_job::ClusterJobs;
 use crate::runtime::hf_job::HfJobs;
 use crate::runtime::sandbox_template::SandboxSettings;
 use crate::text::truncate_chars;
-use crate::tools::jobs::{JobBackend, JobInfo, JobObservation, parse_metrics};
+use crate::tools::jobs::{JobBackend, JobInfo, JobObservation, ScheduleInfo, parse_metrics};
 
 /// Where a session's jobs run.
 #[derive(Clone, Default)]
@@ -82,12 +84,16 @@ fn parse_usd(v: Option<&String>) -> f64 {
     v.and_then(|s| s.parse().ok()).unwrap_or(0.0)
 }
 
-/// Folds what a job tool saw into `status.jobs`.
+/// Folds what a job tool saw into `status.jobs` and `status.schedules`.
 pub fn record(status: &mut AgentSessionStatus, seen: JobObservation) {
     let id = match &seen {
         JobObservation::State { info, .. } => info.id.clone(),
         JobObservation::Metrics { id, .. } => id.clone(),
         JobObservation::LookDone => return,
+        JobObservation::ScheduleCreated { .. }
+        | JobObservation::ScheduleSeen { .. }
+        | JobObservation::ScheduleSuspended { .. }
+        | JobObservation::ScheduleDeleted { .. } => return record_schedule(status, seen),
     };
     let at = match status.jobs.iter().position(|j| j.id == id) {
         Some(i) => i,
@@ -116,9 +122,57 @@ pub fn record(status: &mut AgentSessionStatus, seen: JobObservation) {
             }
         }
         JobObservation::Metrics { metrics, .. } => apply_metrics(job, &metrics),
-        JobObservation::LookDone => {}
+        _ => {}
     }
     accrue(status, Timestamp::now());
+}
+
+/// Keeps `status.schedules` to the schedules the session created, as last seen.
+fn record_schedule(status: &mut AgentSessionStatus, seen: JobObservation) {
+    let schedules = &mut status.schedules;
+    let at = |schedules: &[ScheduleStatus], id: &str| schedules.iter().position(|s| s.id == id);
+    match seen {
+        JobObservation::ScheduleCreated { backend, info } => {
+            let entry = ScheduleStatus {
+                backend: backend.to_string(),
+                ..Default::default()
+            };
+            schedules.retain(|s| s.id != info.id);
+            schedules.push(apply_schedule(entry, info));
+            // Deleted ones leave the list when deleted, so past the bound go the oldest
+            // suspended ones, then the oldest.
+            while schedules.len() > SCHEDULES_MAX {
+                let i = schedules.iter().position(|s| s.suspended).unwrap_or(0);
+                let gone = schedules.remove(i);
+                tracing::warn!(schedule = %gone.id, "no longer listed in status.schedules");
+            }
+        }
+        JobObservation::ScheduleSeen { info } => {
+            if let Some(i) = at(schedules, &info.id) {
+                let entry = std::mem::take(&mut schedules[i]);
+                schedules[i] = apply_schedule(entry, info);
+            }
+        }
+        JobObservation::ScheduleSuspended { id, suspended } => {
+            if let Some(i) = at(schedules, &id) {
+                schedules[i].suspended = suspended;
+            }
+        }
+        JobObservation::ScheduleDeleted { id } => schedules.retain(|s| s.id != id),
+        _ => {}
+    }
+}
+
+fn apply_schedule(entry: ScheduleStatus, info: ScheduleInfo) -> ScheduleStatus {
+    ScheduleStatus {
+        id: info.id,
+        namespace: info.namespace.or(entry.namespace),
+        schedule: info.schedule,
+        suspended: info.suspended,
+        detach: info.detach || entry.detach,
+        next_run_at: info.next_run_at,
+        backend: entry.backend,
+    }
 }
 
 /// Keeps the list bounded, finished jobs going first; their cost stays counted.
@@ -288,14 +342,47 @@ pub async fn follow(status: &mut AgentSessionStatus, backends: &JobBackends) -> 
     *status != before
 }
 
+/// What stopping a session's compute did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Stopped {
+    /// Jobs cancelled (or recorded as such).
+    pub jobs: Vec<String>,
+    /// Schedules suspended.
+    pub schedules: Vec<String>,
+}
+
+impl Stopped {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.schedules.is_empty()
+    }
+
+    /// For an Event: "stopped running jobs a, b; suspended schedules c".
+    pub fn describe(&self) -> String {
+        let mut parts = vec![];
+        if !self.jobs.is_empty() {
+            parts.push(format!("stopped running jobs {}", self.jobs.join(", ")));
+        }
+        if !self.schedules.is_empty() {
+            parts.push(format!("suspended schedules {}", self.schedules.join(", ")));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Whether some schedule not created with `detach` still starts runs.
+pub fn any_active_schedule(status: &AgentSessionStatus) -> bool {
+    status.schedules.iter().any(|s| !s.suspended && !s.detach)
+}
+
 /// Cancels the unfinished jobs not started with `detach`, except those in `done` (stopped
-/// already, only recorded here); returns the ids it stopped or recorded.
+/// already, only recorded here), and suspends the schedules not created with `detach` (a
+/// stopped session starts no new runs; resuming them is left to a person or the agent).
 pub async fn stop_attached(
     status: &mut AgentSessionStatus,
     backends: &JobBackends,
     done: &[String],
-) -> Vec<String> {
-    let mut stopped = vec![];
+) -> Stopped {
+    let mut stopped = Stopped::default();
     for job in status.jobs.iter_mut() {
         if is_final(&job.state) || job.detach {
             continue;
@@ -312,13 +399,59 @@ pub async fn stop_attached(
             Ok(()) => {
                 job.state = "Cancelled".into();
                 job.finished_at = Some(Timestamp::now().to_string());
-                stopped.push(job.id.clone());
+                stopped.jobs.push(job.id.clone());
             }
             Err(e) => tracing::warn!(job = %job.id, error = %e, "could not stop a job"),
         }
     }
     accrue(status, Timestamp::now());
+    for schedule in status.schedules.iter_mut() {
+        if schedule.suspended || schedule.detach {
+            continue;
+        }
+        let Some(scheduler) = backends.of(&schedule.backend).and_then(|b| b.scheduler()) else {
+            continue;
+        };
+        let ns = schedule.namespace.as_deref();
+        match scheduler.set_suspended(&schedule.id, ns, true).await {
+            Ok(()) => {
+                schedule.suspended = true;
+                stopped.schedules.push(schedule.id.clone());
+            }
+            Err(e) => {
+                tracing::warn!(schedule = %schedule.id, error = %e, "could not suspend a schedule")
+            }
+        }
+    }
     stopped
+}
+
+/// Deletes the schedules not created with `detach` (the session is going away); returns
+/// the ids deleted.
+pub async fn delete_schedules(
+    status: &mut AgentSessionStatus,
+    backends: &JobBackends,
+) -> Vec<String> {
+    let mut deleted = vec![];
+    for schedule in &status.schedules {
+        if schedule.detach {
+            continue;
+        }
+        let Some(scheduler) = backends.of(&schedule.backend).and_then(|b| b.scheduler()) else {
+            continue;
+        };
+        match scheduler
+            .delete(&schedule.id, schedule.namespace.as_deref())
+            .await
+        {
+            Ok(()) => deleted.push(schedule.id.clone()),
+            Err(e) => {
+                tracing::warn!(schedule = %schedule.id, error = %e, "could not delete a schedule")
+            }
+        }
+    }
+    status.schedules.retain(|s| !deleted.contains(&s.id));
+    deleted
 }
 
 #[cfg(test)]

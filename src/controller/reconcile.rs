@@ -20,7 +20,7 @@ use super::job_follower::{self, JobBackends};
 use super::session_runner::run_session;
 use super::status::{StatusWriter, condition};
 use super::{Error, FINALIZER};
-use crate::api::{AgentApproval, AgentSession, SessionPhase};
+use crate::api::{AgentApproval, AgentSession, AgentSessionStatus, SessionPhase};
 use crate::runtime::{SandboxPod, sandbox_pod_name};
 
 pub async fn reconcile(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -206,7 +206,9 @@ fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
 /// follow interval while any is left.
 async fn follow_jobs(session: &AgentSession, ctx: &Context) -> Option<Duration> {
     let status = session.status.as_ref()?;
-    if !job_follower::any_unfinished(status) {
+    let schedules_to_stop =
+        job_follower::any_active_schedule(status) && stop_reason(session, status).is_some();
+    if !job_follower::any_unfinished(status) && !schedules_to_stop {
         return None;
     }
     let namespace = session.namespace()?;
@@ -233,6 +235,43 @@ async fn follow_jobs(session: &AgentSession, ctx: &Context) -> Option<Duration> 
     let api = Api::namespaced(ctx.client.clone(), &namespace);
     let mut writer = StatusWriter::new(api, session);
     let mut changed = job_follower::follow(&mut writer.status, &backends).await;
+    if let Some(why) = stop_reason(session, &writer.status) {
+        let stopped = job_follower::stop_attached(&mut writer.status, &backends, &[]).await;
+        if !stopped.is_empty() {
+            changed = true;
+            ctx.publish(
+                &session.object_ref(&()),
+                EventType::Warning,
+                "JobsStopped",
+                format!("{why}: {}", stopped.describe()),
+            )
+            .await;
+        }
+    }
+    if changed {
+        writer.apply_or_log().await;
+    }
+    let stop_pending = job_follower::any_active_schedule(&writer.status)
+        && stop_reason(session, &writer.status).is_some();
+    if job_follower::any_unfinished(&writer.status) || stop_pending {
+        Some(interval)
+    } else {
+        if let Ok(mut looks) = ctx.job_looks.lock() {
+            looks.remove(&uid);
+        }
+        None
+    }
+}
+
+/// Why the session's jobs and schedules should stop now, if they should: it is suspended,
+/// its turn failed, or its spending reached `spec.budget.maxCostUsd`.
+fn stop_reason(session: &AgentSession, status: &AgentSessionStatus) -> Option<String> {
+    if session.spec.suspend {
+        return Some("the session is suspended".to_string());
+    }
+    if status.phase == Some(SessionPhase::Failed) {
+        return Some("the session's turn failed".to_string());
+    }
     let model_usd: f64 = status
         .usage
         .as_ref()
@@ -244,43 +283,13 @@ async fn follow_jobs(session: &AgentSession, ctx: &Context) -> Option<Duration> 
         .budget
         .as_ref()
         .and_then(|b| b.max_cost_usd.as_deref())
-        .and_then(|m| m.parse::<f64>().ok());
-    let spent = model_usd + job_follower::jobs_cost(&writer.status);
-    let why = if session.spec.suspend {
-        Some("the session is suspended".to_string())
-    } else if status.phase == Some(SessionPhase::Failed) {
-        Some("the session's turn failed".to_string())
-    } else {
-        max_usd.filter(|m| spent >= *m).map(|m| {
-            format!(
-                "the session's estimated spending ${spent:.4} reached spec.budget.maxCostUsd (${m})"
-            )
-        })
-    };
-    if let Some(why) = why {
-        let stopped = job_follower::stop_attached(&mut writer.status, &backends, &[]).await;
-        if !stopped.is_empty() {
-            changed = true;
-            ctx.publish(
-                &session.object_ref(&()),
-                EventType::Warning,
-                "JobsStopped",
-                format!("{why}: stopped running jobs {}", stopped.join(", ")),
-            )
-            .await;
-        }
-    }
-    if changed {
-        writer.apply_or_log().await;
-    }
-    if job_follower::any_unfinished(&writer.status) {
-        Some(interval)
-    } else {
-        if let Ok(mut looks) = ctx.job_looks.lock() {
-            looks.remove(&uid);
-        }
-        None
-    }
+        .and_then(|m| m.parse::<f64>().ok())?;
+    let spent = model_usd + job_follower::jobs_cost(status);
+    (spent >= max_usd).then(|| {
+        format!(
+            "the session's estimated spending ${spent:.4} reached spec.budget.maxCostUsd (${max_usd})"
+        )
+    })
 }
 
 /// `action` (from `expire_sandbox`), or a requeue at `wake` when that comes first.
@@ -385,16 +394,21 @@ async fn cleanup(session: Arc<AgentSession>, ctx: Arc<Context>) -> Result<Action
         .ok_or(Error::MissingField("namespace"))?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     SandboxPod::delete(&pods, &sandbox_pod_name(&session.name_any())).await?;
-    // Cluster jobs go with the session (owner references); HF jobs are cancelled here.
+    // Cluster jobs go with the session (owner references); HF jobs are cancelled and
+    // schedules deleted here.
     if let Some(mut status) = session.status.clone()
-        && job_follower::any_unfinished(&status)
+        && (job_follower::any_unfinished(&status) || status.schedules.iter().any(|s| !s.detach))
     {
         match resolve_hf_token(&ctx.client, &session.spec, &namespace).await {
             Ok(token) => {
                 let backends = JobBackends::for_session(&ctx, &session, token.as_deref());
+                let deleted = job_follower::delete_schedules(&mut status, &backends).await;
+                if !deleted.is_empty() {
+                    tracing::info!(session = %session.name_any(), schedules = %deleted.join(", "), "session deleted: schedules deleted");
+                }
                 let stopped = job_follower::stop_attached(&mut status, &backends, &[]).await;
-                if !stopped.is_empty() {
-                    tracing::info!(session = %session.name_any(), jobs = %stopped.join(", "), "session deleted: jobs cancelled");
+                if !stopped.jobs.is_empty() {
+                    tracing::info!(session = %session.name_any(), jobs = %stopped.jobs.join(", "), "session deleted: jobs cancelled");
                 }
             }
             Err(e) => {

@@ -1270,18 +1270,21 @@ impl SessionRun {
         };
         // The cluster sweep (by label, for jobs status may not list) already deleted some.
         let swept = stopped.clone();
-        for id in job_follower::stop_attached(&mut self.status.status, &self.jobs, &swept).await {
-            if !stopped.contains(&id) {
-                stopped.push(id);
-            }
-        }
+        let mut stopped_now =
+            job_follower::stop_attached(&mut self.status.status, &self.jobs, &swept).await;
+        stopped.retain(|id| !stopped_now.jobs.contains(id));
+        stopped.append(&mut stopped_now.jobs);
+        let stopped = job_follower::Stopped {
+            jobs: stopped,
+            schedules: stopped_now.schedules,
+        };
         self.jobs_spend
             .set(job_follower::jobs_cost(&self.status.status));
         if !stopped.is_empty() {
             self.status_dirty = true;
             let note = format!(
-                "{why}: stopped running jobs {} (start jobs with detach: true to keep them running)",
-                stopped.join(", ")
+                "{why}: {} (start jobs with detach: true to keep them running)",
+                stopped.describe()
             );
             self.ctx
                 .publish(&self.object, EventType::Normal, "JobsStopped", note)

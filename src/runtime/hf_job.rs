@@ -229,7 +229,8 @@ impl HfJobs {
         }
     }
 
-    fn schedule_info(s: ScheduledJob) -> ScheduleInfo {
+    fn schedule_info(s: ScheduledJob, namespace: &str) -> ScheduleInfo {
+        let detach = s.job_spec["labels"][DETACH_LABEL].as_str() == Some("true");
         let command = s.job_spec["command"]
             .as_array()
             .map(|c| {
@@ -246,6 +247,8 @@ impl HfJobs {
             next_run_at: s.status.next_job_run_at,
             last_job: s.status.last_job.map(|l| l.id),
             command,
+            namespace: Some(namespace.to_string()),
+            detach,
         }
     }
 }
@@ -350,7 +353,7 @@ impl JobScheduler for HfJobs {
             .schedule(&ns, &self.spec(&request), schedule)
             .await
             .map_err(text)?;
-        Ok(Self::schedule_info(created))
+        Ok(Self::schedule_info(created, &ns))
     }
 
     async fn list(&self, namespace: Option<&str>, all: bool) -> Result<Vec<ScheduleInfo>, String> {
@@ -359,14 +362,14 @@ impl JobScheduler for HfJobs {
         Ok(list
             .into_iter()
             .filter(|s| all || !s.suspend)
-            .map(Self::schedule_info)
+            .map(|s| Self::schedule_info(s, &ns))
             .collect())
     }
 
     async fn inspect(&self, id: &str, namespace: Option<&str>) -> Result<ScheduleInfo, String> {
         let ns = self.namespace(namespace).await?;
         let s = self.client.scheduled_inspect(&ns, id).await.map_err(text)?;
-        Ok(Self::schedule_info(s))
+        Ok(Self::schedule_info(s, &ns))
     }
 
     async fn delete(&self, id: &str, namespace: Option<&str>) -> Result<(), String> {

@@ -91,6 +91,10 @@ pub struct ScheduleInfo {
     pub next_run_at: Option<String>,
     pub last_job: Option<String>,
     pub command: String,
+    /// The platform namespace it belongs to.
+    pub namespace: Option<String>,
+    /// Created with `detach: true`.
+    pub detach: bool,
 }
 
 #[async_trait]

@@ -46,6 +46,23 @@ pub enum JobObservation {
     },
     /// A look at all unfinished jobs is over.
     LookDone,
+    /// The agent created a scheduled job.
+    ScheduleCreated {
+        backend: &'static str,
+        info: ScheduleInfo,
+    },
+    /// What the platform says of a scheduled job now (only ones the session created are
+    /// kept).
+    ScheduleSeen {
+        info: ScheduleInfo,
+    },
+    ScheduleSuspended {
+        id: String,
+        suspended: bool,
+    },
+    ScheduleDeleted {
+        id: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -343,6 +360,11 @@ impl JobsTool {
                     .ok_or("scheduled run needs schedule, e.g. \"@daily\" or \"0 9 * * 1\"")?;
                 let (request, _) = self.request(args).await?;
                 let created = scheduler.create(request, &schedule).await?;
+                self.tell(JobObservation::ScheduleCreated {
+                    backend: self.backend.kind(),
+                    info: created.clone(),
+                })
+                .await;
                 Ok(format!(
                     "Scheduled job created.\n{}",
                     describe_schedule(&created)
@@ -350,6 +372,10 @@ impl JobsTool {
             }
             "scheduled ps" => {
                 let list = scheduler.list(ns, args.all).await?;
+                for info in &list {
+                    self.tell(JobObservation::ScheduleSeen { info: info.clone() })
+                        .await;
+                }
                 if list.is_empty() {
                     return Ok("No scheduled jobs.".into());
                 }
@@ -368,20 +394,30 @@ impl JobsTool {
                 }
                 Ok(table)
             }
-            "scheduled inspect" => Ok(describe_schedule(
-                &scheduler
+            "scheduled inspect" => {
+                let info = scheduler
                     .inspect(&Self::scheduled_job_id(args)?, ns)
-                    .await?,
-            )),
+                    .await?;
+                self.tell(JobObservation::ScheduleSeen { info: info.clone() })
+                    .await;
+                Ok(describe_schedule(&info))
+            }
             "scheduled delete" => {
                 let id = Self::scheduled_job_id(args)?;
                 scheduler.delete(&id, ns).await?;
+                self.tell(JobObservation::ScheduleDeleted { id: id.clone() })
+                    .await;
                 Ok(format!("Scheduled job {id} deleted."))
             }
             "scheduled suspend" | "scheduled resume" => {
                 let id = Self::scheduled_job_id(args)?;
                 let suspend = op == "scheduled suspend";
                 scheduler.set_suspended(&id, ns, suspend).await?;
+                self.tell(JobObservation::ScheduleSuspended {
+                    id: id.clone(),
+                    suspended: suspend,
+                })
+                .await;
                 Ok(format!(
                     "Scheduled job {id} {}.",
                     if suspend { "suspended" } else { "resumed" }
@@ -491,7 +527,7 @@ impl Tool for JobsTool {
             "job_id": {"type": "string", "description": "For logs, inspect and cancel."},
             "all": {"type": "boolean", "description": "ps: finished jobs too."},
             "status": {"type": "string", "description": "ps: only jobs whose state contains this."},
-            "detach": {"type": "boolean", "description": "Keep the job running when the session is suspended, fails or is deleted (default false)."}
+            "detach": {"type": "boolean", "description": "Keep the job (or schedule) running when the session is suspended, fails or is deleted (default false)."}
         });
         if self.backend.scheduler().is_some() {
             properties["scheduled_job_id"] = json!({"type": "string", "description": "For scheduled inspect, delete, suspend and resume."});

@@ -220,6 +220,18 @@ impl FakeHfHub {
             .collect()
     }
 
+    /// Waits until `method` `path` was asked for.
+    pub async fn wait_for_request(&self, method: &str, path: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.requests_to(method, path).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "no {method} {path} within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub fn log_connections(&self, id: &str) -> usize {
         self.hub
             .lock()
