@@ -363,6 +363,23 @@ async fn suspending_a_session_stops_its_jobs_but_not_detached_ones() {
         })
     })
     .await;
+    // Another session whose name shares this one's first 63 characters has the same name
+    // label: only the uid tells them apart.
+    let neighbour = json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "neighbour", "labels": {
+            "ml-intern.io/session": "pausable", "app.kubernetes.io/component": "job",
+            "ml-intern.io/session-uid": "another-session"}},
+        "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never",
+            "containers": [{"name": "job", "image": support::cluster::SANDBOX_IMAGE,
+                            "imagePullPolicy": "Never", "command": ["sleep", "600"]}]}}}
+    });
+    let out = env.kubectl_apply(&neighbour.to_string());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     env.patch_spec("pausable", json!({"suspend": true})).await;
     env.wait_for_event("pausable", "JobsStopped", MINUTE).await;
     env.wait_for_deletion(
@@ -372,7 +389,16 @@ async fn suspending_a_session_stops_its_jobs_but_not_detached_ones() {
     )
     .await;
     let left: Vec<Job> = jobs.list(&Default::default()).await.unwrap().items;
-    assert_eq!(left.len(), 1, "the detached job runs on");
-    assert!(running(&left[0]));
+    let names: Vec<&str> = left
+        .iter()
+        .filter_map(|j| j.metadata.name.as_deref())
+        .collect();
+    assert_eq!(
+        left.len(),
+        2,
+        "the detached job and the neighbour's: {names:?}"
+    );
+    assert!(names.contains(&"neighbour"), "{names:?}");
+    assert!(left.iter().all(running), "both still run");
     hold.notify_one();
 }

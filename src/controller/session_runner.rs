@@ -1261,7 +1261,9 @@ impl SessionRun {
     async fn stop_jobs(&mut self, why: &str) {
         let namespace = self.session.namespace().unwrap_or_default();
         let api = Api::namespaced(self.ctx.client.clone(), &namespace);
-        let mut stopped = match stop_attached_jobs(&api, &self.name()).await {
+        let mut stopped = match stop_attached_jobs(&api, &self.session.uid().unwrap_or_default())
+            .await
+        {
             Ok(names) => names,
             Err(e) => {
                 tracing::warn!(session = %self.name(), error = %e, "could not stop cluster jobs");

@@ -21,6 +21,7 @@ use super::sandbox_template::{
     merged_resources,
 };
 use super::{MANAGED_BY_LABEL, SESSION_LABEL};
+use crate::store::configmap_log::SESSION_UID_LABEL;
 use crate::tools::jobs::{Flavor, JobBackend, JobInfo, JobRequest, Program, Script};
 
 const JOB_CONTAINER: &str = "job";
@@ -49,7 +50,9 @@ pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
 /// after it finishes.
 const DETACHED_TTL_SECS: i32 = 7 * 24 * 3600;
 
-fn labels(session: &str) -> BTreeMap<String, String> {
+/// The session's name (for people; cut to 63 characters) and uid (for selection: two
+/// long names may share their first 63 characters, never a uid).
+fn labels(session: &str, uid: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (
             MANAGED_BY_LABEL.0.to_string(),
@@ -57,14 +60,16 @@ fn labels(session: &str) -> BTreeMap<String, String> {
         ),
         ("app.kubernetes.io/component".to_string(), "job".to_string()),
         (SESSION_LABEL.to_string(), label_value(session)),
+        (SESSION_UID_LABEL.to_string(), label_value(uid)),
     ])
 }
 
-/// Selects a session's jobs, and their pods (which carry the same labels).
-fn jobs_selector(session: &str) -> String {
+/// Selects a session's jobs, and their pods (which carry the same labels), by the
+/// session's uid.
+fn jobs_selector(uid: &str) -> String {
     format!(
-        "{SESSION_LABEL}={},app.kubernetes.io/component=job",
-        label_value(session)
+        "{SESSION_UID_LABEL}={},app.kubernetes.io/component=job",
+        label_value(uid)
     )
 }
 
@@ -103,7 +108,7 @@ impl ClusterJobs {
             value: Some("/tmp".into()),
             ..Default::default()
         });
-        let mut labels = labels(&self.session);
+        let mut labels = labels(&self.session, &self.owner.uid);
         if let Some(f) = &flavor {
             labels.insert("ml-intern.io/flavor".into(), label_value(f));
         }
@@ -218,8 +223,8 @@ impl ClusterJobs {
             .metadata
             .labels
             .as_ref()
-            .and_then(|l| l.get(SESSION_LABEL))
-            .is_some_and(|s| *s == label_value(&self.session));
+            .and_then(|l| l.get(SESSION_UID_LABEL))
+            .is_some_and(|s| *s == label_value(&self.owner.uid));
         if mine {
             Ok(job)
         } else {
@@ -417,13 +422,13 @@ impl JobBackend for ClusterJobs {
     async fn list(&self, _: Option<&str>, all: bool) -> Result<Vec<JobInfo>, String> {
         let jobs = self
             .jobs
-            .list(&ListParams::default().labels(&jobs_selector(&self.session)))
+            .list(&ListParams::default().labels(&jobs_selector(&self.owner.uid)))
             .await
             .map_err(|e| kube_error_text(&e))?;
         // One pod list for all of them, matched by the Job controller's `job-name` label.
         let pods = self
             .pods
-            .list(&ListParams::default().labels(&jobs_selector(&self.session)))
+            .list(&ListParams::default().labels(&jobs_selector(&self.owner.uid)))
             .await
             .map_err(|e| kube_error_text(&e))?
             .items;
@@ -502,13 +507,13 @@ impl JobBackend for ClusterJobs {
     }
 }
 
-/// Deletes the session's running jobs that were not started with `detach` (on suspend);
-/// returns their names.
+/// Deletes the running jobs of the session with uid `session_uid` that were not started
+/// with `detach` (on suspend); returns their names.
 pub async fn stop_attached_jobs(
     jobs: &Api<Job>,
-    session: &str,
+    session_uid: &str,
 ) -> Result<Vec<String>, kube::Error> {
-    let selector = format!("{},!{DETACH_LABEL}", jobs_selector(session));
+    let selector = format!("{},!{DETACH_LABEL}", jobs_selector(session_uid));
     let mut stopped = vec![];
     for job in jobs
         .list(&ListParams::default().labels(&selector))
