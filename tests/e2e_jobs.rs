@@ -106,6 +106,7 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
         "jobs",
         support::E2eOptions {
             sandbox_hardware: Some(HARDWARE.into()),
+            controller_args: ["--job-follow-interval", "1"].map(str::to_string).to_vec(),
             ..Default::default()
         },
     )
@@ -266,6 +267,37 @@ async fn cluster_jobs_run_report_fail_time_out_are_gated_on_gpus_and_go_with_the
             .is_some_and(|m| m.contains("exit code 3"))
     );
     assert_eq!(jobs_seen[0].flavor, "small");
+    // While the turn ran, the jobs' output went into the transcript as tool_log events,
+    // each line once.
+    let training = submitted_job(&llm.requests()[3].body);
+    let failing = submitted_job(&llm.requests()[6].body);
+    let logged: Vec<String> = env
+        .transcript("trainer")
+        .await
+        .into_iter()
+        .filter_map(|r| match r {
+            ml_intern::store::Record::Event { event, .. }
+                if event["event_type"] == "tool_log" && event["tool"] == "cluster_jobs" =>
+            {
+                event["log"].as_str().map(str::to_string)
+            }
+            _ => None,
+        })
+        .collect();
+    let count = |line: String| logged.iter().filter(|l| **l == line).count();
+    assert_eq!(
+        count(format!("[{training}] fitted w=1.97 b=1.05")),
+        1,
+        "{logged:#?}"
+    );
+    assert_eq!(
+        count(format!(
+            r#"[{training}] {{"metric": "loss", "value": 0.0182, "step": 300}}"#
+        )),
+        1,
+        "{logged:#?}"
+    );
+    assert_eq!(count(format!("[{failing}] bad data")), 1, "{logged:#?}");
     let requests = llm.requests();
     let table = tool_results(&requests[10].body).pop().unwrap();
     assert_eq!(table.matches("| trainer-job-").count(), 4, "{table}");

@@ -226,7 +226,14 @@ async fn logs_survive_replays_keep_alives_and_early_ends_without_duplicates() {
         .logs(USER, &job.id, &follow)
         .await
         .expect("the logs are read");
-    assert_eq!(logs.lines, lines, "every line once, in order");
+    let texts = |l: &[ml_intern::tools::jobs::LogLine]| -> Vec<String> {
+        l.iter().map(|l| l.text.clone()).collect()
+    };
+    assert_eq!(texts(&logs.lines), lines, "every line once, in order");
+    assert!(
+        logs.lines.iter().all(|l| l.at.is_some()),
+        "stamped as the hub sent them"
+    );
     assert!(logs.ended, "the follower saw the job end");
     assert!(hub.log_connections(&job.id) >= 2, "it reconnected");
 
@@ -236,7 +243,7 @@ async fn logs_survive_replays_keep_alives_and_early_ends_without_duplicates() {
         .logs(USER, &job.id, &jobs.log_options)
         .await
         .expect("the logs are read");
-    assert_eq!(snapshot.lines, lines);
+    assert_eq!(texts(&snapshot.lines), lines);
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "{:?}",
@@ -283,7 +290,7 @@ async fn a_chatty_running_job_is_read_up_to_now_and_followed_from_its_tail() {
         .log_tail(&job.id, None, 50)
         .await
         .expect("the tail is read");
-    let tail: Vec<&str> = tail.lines().collect();
+    let tail: Vec<&str> = tail.iter().map(|l| l.text.as_str()).collect();
     let first = refs
         .iter()
         .position(|l| *l == tail[0])

@@ -19,7 +19,9 @@ use crate::runtime::cluster_job::ClusterJobs;
 use crate::runtime::hf_job::HfJobs;
 use crate::runtime::sandbox_template::SandboxSettings;
 use crate::text::truncate_chars;
-use crate::tools::jobs::{JobBackend, JobInfo, JobObservation, ScheduleInfo, parse_metrics};
+use crate::tools::jobs::{
+    JobBackend, JobInfo, JobObservation, LogLine, ScheduleInfo, log_text, parse_metrics,
+};
 
 /// Where a session's jobs run.
 #[derive(Clone, Default)]
@@ -89,7 +91,7 @@ pub fn record(status: &mut AgentSessionStatus, seen: JobObservation) {
     let id = match &seen {
         JobObservation::State { info, .. } => info.id.clone(),
         JobObservation::Metrics { id, .. } => id.clone(),
-        JobObservation::LookDone => return,
+        JobObservation::LookDone | JobObservation::Log { .. } => return,
         JobObservation::ScheduleCreated { .. }
         | JobObservation::ScheduleSeen { .. }
         | JobObservation::ScheduleSuspended { .. }
@@ -282,18 +284,27 @@ pub struct Target {
     pub backend: String,
     pub id: String,
     pub namespace: Option<String>,
+    /// Its output up to this time (RFC 3339) was reported already; a look reports what
+    /// came after as a `Log` observation.
+    pub shown_until: Option<String>,
 }
 
 /// The jobs that may still change.
 pub fn unfinished(status: &AgentSessionStatus) -> Vec<Target> {
+    looked_at(status, |_| false)
+}
+
+/// The jobs that may still change, and the finished ones `also` names.
+pub fn looked_at(status: &AgentSessionStatus, also: impl Fn(&str) -> bool) -> Vec<Target> {
     status
         .jobs
         .iter()
-        .filter(|j| !is_final(&j.state))
+        .filter(|j| !is_final(&j.state) || also(&j.id))
         .map(|j| Target {
             backend: j.backend.clone(),
             id: j.id.clone(),
             namespace: j.namespace.clone(),
+            shown_until: None,
         })
         .collect()
 }
@@ -318,17 +329,42 @@ pub async fn look(targets: &[Target], backends: &JobBackends) -> Vec<JobObservat
             }
         }
         let tail = backend.log_tail(&t.id, t.namespace.as_deref(), FOLLOW_TAIL_LINES);
-        if let Ok(logs) = tail.await {
-            let metrics = parse_metrics(&logs);
+        if let Ok(lines) = tail.await {
+            let metrics = parse_metrics(&log_text(&lines));
             if !metrics.is_empty() {
                 seen.push(JobObservation::Metrics {
                     id: t.id.clone(),
                     metrics,
                 });
             }
+            let new = printed_after(lines, t.shown_until.as_deref());
+            if !new.is_empty() {
+                seen.push(JobObservation::Log {
+                    backend: backend.kind(),
+                    id: t.id.clone(),
+                    lines: new,
+                });
+            }
         }
     }
     seen
+}
+
+/// The lines stamped after `mark` (all stamped ones without a mark); unstamped lines cannot
+/// be placed, so they are left out rather than shown twice.
+fn printed_after(lines: Vec<LogLine>, mark: Option<&str>) -> Vec<LogLine> {
+    let mark = mark.and_then(|m| m.parse::<Timestamp>().ok());
+    lines
+        .into_iter()
+        .filter(|l| {
+            let at = l.at.as_deref().and_then(|a| a.parse::<Timestamp>().ok());
+            match (at, mark) {
+                (Some(at), Some(mark)) => at > mark,
+                (Some(_), None) => true,
+                (None, _) => false,
+            }
+        })
+        .collect()
 }
 
 /// Looks at every unfinished job and folds what it finds into `status`; returns whether
@@ -528,6 +564,26 @@ mod tests {
             "a running job is kept"
         );
         assert_eq!(status.jobs_cost_usd.as_deref(), Some("23.0000"));
+    }
+
+    #[test]
+    fn only_output_stamped_after_the_mark_is_new() {
+        let line = |at: Option<&str>, text: &str| LogLine {
+            at: at.map(str::to_string),
+            text: text.into(),
+        };
+        let lines = vec![
+            line(Some("2026-11-22T10:00:01.5Z"), "a"),
+            line(Some("2026-11-22T10:00:02.000000001Z"), "b"),
+            line(None, "c"),
+            line(Some("2026-11-22T10:00:03Z"), "d"),
+        ];
+        let texts = |l: Vec<LogLine>| l.into_iter().map(|l| l.text).collect::<Vec<_>>();
+        assert_eq!(texts(printed_after(lines.clone(), None)), ["a", "b", "d"]);
+        // Different spellings of one instant compare as times, not strings.
+        let mark = Some("2026-11-22T10:00:02.000000001+00:00");
+        assert_eq!(texts(printed_after(lines.clone(), mark)), ["d"]);
+        assert!(printed_after(lines, Some("2026-11-22T10:00:03Z")).is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Events and the transcript, and stops when there is nothing left to do, when the session
 //! is suspended, or when it is deleted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -45,7 +45,7 @@ use crate::store::{Record, TranscriptStore, digest, replay};
 use crate::text::{truncate_bytes, truncate_chars};
 use crate::tools::bash::BASH_TOOL;
 use crate::tools::files::{EDIT_TOOL, READ_TOOL, WRITE_TOOL};
-use crate::tools::jobs::{CLUSTER_JOBS_TOOL, HF_JOBS_TOOL, JobObservation, JobsTool};
+use crate::tools::jobs::{CLUSTER_JOBS_TOOL, HF_JOBS_TOOL, JobObservation, JobsTool, LogLine};
 use crate::tools::plan::PLAN_TOOL;
 use crate::tools::sandbox_create::{SANDBOX_CREATE_TOOL, SandboxCreateTool, chosen_hardware};
 use crate::tools::{BashTool, Files, PlanTool, ToolFailure, ToolRouter};
@@ -141,6 +141,12 @@ struct SessionRun {
     jobs_spend: Arc<JobsSpend>,
     /// A look at the unfinished jobs is under way.
     following: bool,
+    /// Per job, the time up to which its output went into the transcript as tool_log
+    /// events.
+    shown_logs: HashMap<String, String>,
+    /// Jobs to look at even when finished: ones this runner saw unfinished or a tool
+    /// reported, so each gets a look after it ends, for the output it printed last.
+    watching: HashSet<String>,
 }
 
 /// The conversation as the runner keeps it between turns.
@@ -180,6 +186,8 @@ impl SessionRun {
             jobs,
             jobs_spend,
             following: false,
+            shown_logs: HashMap::new(),
+            watching: HashSet::new(),
             pods: Api::namespaced(ctx.client.clone(), &namespace),
             configmaps: Api::namespaced(ctx.client.clone(), &namespace),
             status,
@@ -660,9 +668,9 @@ impl SessionRun {
                     }
                     Some(event) = sandbox_rx.recv() => self.on_sandbox_event(event).await,
                     Some(seen) = jobs_rx.recv() => {
-                        self.on_job_observation(seen);
+                        self.on_job_observation(seen, &conversation.store).await;
                         while let Ok(seen) = jobs_rx.try_recv() {
-                            self.on_job_observation(seen);
+                            self.on_job_observation(seen, &conversation.store).await;
                         }
                         self.flush_status(&conversation.store).await;
                     }
@@ -680,7 +688,7 @@ impl SessionRun {
             self.on_agent_event(event, &conversation.store).await;
         }
         while let Ok(seen) = jobs_rx.try_recv() {
-            self.on_job_observation(seen);
+            self.on_job_observation(seen, &conversation.store).await;
         }
         while let Ok(event) = sandbox_rx.try_recv() {
             self.on_sandbox_event(event).await;
@@ -1225,11 +1233,28 @@ impl SessionRun {
         }
     }
 
-    /// Keeps status.jobs current with what the tools and the follower saw of the jobs.
-    fn on_job_observation(&mut self, seen: JobObservation) {
+    /// Keeps status.jobs current with what the tools and the follower saw of the jobs, and
+    /// puts the output a look found into the transcript as tool_log events.
+    async fn on_job_observation(&mut self, seen: JobObservation, store: &TranscriptStore) {
         if seen == JobObservation::LookDone {
             self.following = false;
             return;
+        }
+        if let JobObservation::Log { backend, id, lines } = seen {
+            if let Some(at) = lines.last().and_then(|l| l.at.clone()) {
+                self.shown_logs.insert(id.clone(), at);
+            }
+            for event in job_log_events(backend, &id, &lines) {
+                self.on_agent_event(event, store).await;
+            }
+            return;
+        }
+        // A job a tool saw (a run may come back already finished) gets a look for its
+        // output, unless it has had one.
+        if let JobObservation::State { info, .. } = &seen
+            && !self.shown_logs.contains_key(&info.id)
+        {
+            self.watching.insert(info.id.clone());
         }
         job_follower::record(&mut self.status.status, seen);
         self.jobs_spend
@@ -1240,9 +1265,18 @@ impl SessionRun {
     /// Starts a look at the unfinished jobs, whose findings come back as observations, so
     /// the turn is not held up by slow platforms.
     fn look_at_jobs(&mut self, observed: &mpsc::Sender<JobObservation>) {
-        let targets = job_follower::unfinished(&self.status.status);
-        if self.following || targets.is_empty() {
+        if self.following {
             return;
+        }
+        let mut targets =
+            job_follower::looked_at(&self.status.status, |id| self.watching.contains(id));
+        if targets.is_empty() {
+            return;
+        }
+        let unfinished = job_follower::unfinished(&self.status.status);
+        self.watching = unfinished.iter().map(|t| t.id.clone()).collect();
+        for t in &mut targets {
+            t.shown_until = self.shown_logs.get(&t.id).cloned();
         }
         self.following = true;
         let (backends, observed) = (self.jobs.clone(), observed.clone());
@@ -1574,6 +1608,36 @@ impl SessionRun {
     }
 }
 
+/// Most lines of one job's output one look puts into the transcript: it shows progress;
+/// the whole output stays with the platform.
+const JOB_LOG_LINES_PER_LOOK: usize = 50;
+
+/// A job's new output as the tool_log events of its tool, one per line, each naming the
+/// job; past the bound, a line says how many were left out.
+fn job_log_events(backend: &str, id: &str, lines: &[LogLine]) -> Vec<AgentEvent> {
+    let tool = if backend == "huggingface" {
+        HF_JOBS_TOOL
+    } else {
+        CLUSTER_JOBS_TOOL
+    };
+    let skipped = lines.len().saturating_sub(JOB_LOG_LINES_PER_LOOK);
+    let mut logs = vec![];
+    if skipped > 0 {
+        logs.push(format!("[{id}] … {skipped} lines not shown"));
+    }
+    logs.extend(
+        lines[skipped..]
+            .iter()
+            .map(|l| format!("[{id}] {}", truncate_chars(&l.text, 1000))),
+    );
+    logs.into_iter()
+        .map(|log| AgentEvent::ToolLog {
+            tool: tool.to_string(),
+            log,
+        })
+        .collect()
+}
+
 fn event_record(event: &AgentEvent) -> Record {
     Record::Event {
         at: Timestamp::now().to_string(),
@@ -1590,6 +1654,36 @@ mod tests {
             "prompt": prompt, "model": "m", "messages": messages
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_look_logs_at_most_a_bounded_number_of_lines_naming_the_job() {
+        let lines: Vec<LogLine> = (0..JOB_LOG_LINES_PER_LOOK + 3)
+            .map(|i| LogLine::unstamped(&format!("step {i}")))
+            .collect();
+        let logs: Vec<(String, String)> = job_log_events("huggingface", "j1", &lines)
+            .into_iter()
+            .filter_map(|e| match e {
+                AgentEvent::ToolLog { tool, log } => Some((tool, log)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(logs.len(), JOB_LOG_LINES_PER_LOOK + 1);
+        assert_eq!(
+            logs[0],
+            ("hf_jobs".into(), "[j1] … 3 lines not shown".into())
+        );
+        assert_eq!(logs[1].1, "[j1] step 3");
+        let last = format!("[j1] step {}", JOB_LOG_LINES_PER_LOOK + 2);
+        assert_eq!(logs.last().map(|l| l.1.as_str()), Some(last.as_str()));
+        let few = job_log_events("cluster", "j2", &lines[..1]);
+        assert_eq!(
+            few,
+            [AgentEvent::ToolLog {
+                tool: "cluster_jobs".into(),
+                log: "[j2] step 0".into()
+            }]
+        );
     }
 
     #[test]

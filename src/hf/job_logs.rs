@@ -12,6 +12,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::jobs_api::{HfError, HfJobsClient, seg};
 use crate::llm::sse::{SseEvent, SseParser};
+use crate::tools::job_backend::LogLine;
 
 #[derive(Clone, Debug)]
 pub struct LogOptions {
@@ -53,7 +54,7 @@ impl LogOptions {
 /// The log lines read, without the platform's "===== Job started" banner.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JobLogs {
-    pub lines: Vec<String>,
+    pub lines: Vec<LogLine>,
     /// The stream said the job finished, or the job was seen in a final stage.
     pub ended: bool,
 }
@@ -136,7 +137,7 @@ impl HfJobsClient {
         options: &LogOptions,
         left: Duration,
         seen: &mut usize,
-        lines: &mut Vec<String>,
+        lines: &mut Vec<LogLine>,
     ) -> Result<StreamEnd, HfError> {
         let mut path = format!("/api/jobs/{}/{}/logs", seg(namespace), seg(id));
         if let Some(tail) = options.tail {
@@ -208,8 +209,9 @@ impl HfJobsClient {
                 let Ok(event) = serde_json::from_str::<serde_json::Value>(&event.data) else {
                     continue;
                 };
-                let live = event["timestamp"]
-                    .as_str()
+                let at = event["timestamp"].as_str().map(str::to_string);
+                let live = at
+                    .as_deref()
                     .and_then(|t| t.parse::<Timestamp>().ok())
                     .is_some_and(|t| t >= live_from);
                 let Some(line) = event["data"].as_str().map(str::to_string) else {
@@ -221,7 +223,7 @@ impl HfJobsClient {
                 if line.starts_with("===== Job finished") {
                     return Ok(StreamEnd::Finished);
                 }
-                lines.push(line);
+                lines.push(LogLine { at, text: line });
                 if live && !options.follow {
                     return Ok(StreamEnd::Live);
                 }

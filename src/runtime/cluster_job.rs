@@ -22,7 +22,7 @@ use super::sandbox_template::{
 };
 use super::{MANAGED_BY_LABEL, SESSION_LABEL};
 use crate::store::configmap_log::SESSION_UID_LABEL;
-use crate::tools::jobs::{Flavor, JobBackend, JobInfo, JobRequest, Program, Script};
+use crate::tools::jobs::{Flavor, JobBackend, JobInfo, JobRequest, LogLine, Program, Script};
 
 const JOB_CONTAINER: &str = "job";
 use crate::tools::bash::DEFAULT_WORK_DIR as WORKSPACE_DIR;
@@ -234,7 +234,12 @@ impl ClusterJobs {
 
     /// The job container's output (its last `tail_lines` lines, or from the start), at most
     /// `LOG_LIMIT_BYTES`.
-    async fn pod_log(&self, id: &str, tail_lines: Option<i64>) -> Result<String, String> {
+    async fn pod_log(
+        &self,
+        id: &str,
+        tail_lines: Option<i64>,
+        timestamps: bool,
+    ) -> Result<String, String> {
         self.own_job(id).await?;
         let Some(pod) = self.pod_of(id).await else {
             return Ok(String::new());
@@ -244,6 +249,7 @@ impl ClusterJobs {
             container: Some(JOB_CONTAINER.into()),
             limit_bytes: Some(LOG_LIMIT_BYTES),
             tail_lines,
+            timestamps,
             ..Default::default()
         };
         match self.pods.logs(&name, &params).await {
@@ -455,12 +461,18 @@ impl JobBackend for ClusterJobs {
     }
 
     async fn logs(&self, id: &str, _: Option<&str>) -> Result<String, String> {
-        self.pod_log(id, None).await
+        self.pod_log(id, None, false).await
     }
 
-    async fn log_tail(&self, id: &str, _: Option<&str>, lines: usize) -> Result<String, String> {
-        self.pod_log(id, Some(i64::try_from(lines).unwrap_or(i64::MAX)))
-            .await
+    async fn log_tail(
+        &self,
+        id: &str,
+        _: Option<&str>,
+        lines: usize,
+    ) -> Result<Vec<LogLine>, String> {
+        let tail = i64::try_from(lines).unwrap_or(i64::MAX);
+        let text = self.pod_log(id, Some(tail), true).await?;
+        Ok(text.lines().map(stamped_line).collect())
     }
 
     async fn cancel(&self, id: &str, _: Option<&str>) -> Result<(), String> {
@@ -504,6 +516,17 @@ impl JobBackend for ClusterJobs {
             .map(|(n, p)| format!("{n} ({})", p.description))
             .collect::<Vec<_>>()
             .join(", ")
+    }
+}
+
+/// A line the kubelet prefixed with its RFC 3339 time and a space.
+fn stamped_line(line: &str) -> LogLine {
+    match line.split_once(' ') {
+        Some((at, text)) if at.parse::<k8s_openapi::jiff::Timestamp>().is_ok() => LogLine {
+            at: Some(at.to_string()),
+            text: text.to_string(),
+        },
+        _ => LogLine::unstamped(line),
     }
 }
 

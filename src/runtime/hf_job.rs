@@ -12,7 +12,8 @@ use crate::hf::HfJobsClient;
 use crate::hf::job_logs::LogOptions;
 use crate::hf::jobs_api::{Hardware, HfError, HubJob, JobSpec, ScheduledJob, Whoami};
 use crate::tools::jobs::{
-    Flavor, JobBackend, JobInfo, JobRequest, JobScheduler, Program, ScheduleInfo, Script,
+    Flavor, JobBackend, JobInfo, JobRequest, JobScheduler, LogLine, Program, ScheduleInfo, Script,
+    log_text,
 };
 
 /// The image Python scripts run in (uv with Python 3.12).
@@ -288,7 +289,7 @@ impl JobBackend for HfJobs {
             .logs(&ns, id, &self.log_options)
             .await
             .map_err(text)?;
-        Ok(logs.lines.join("\n"))
+        Ok(log_text(&logs.lines))
     }
 
     async fn log_tail(
@@ -296,7 +297,7 @@ impl JobBackend for HfJobs {
         id: &str,
         namespace: Option<&str>,
         lines: usize,
-    ) -> Result<String, String> {
+    ) -> Result<Vec<LogLine>, String> {
         let ns = self.namespace(namespace).await?;
         let options = LogOptions {
             tail: Some(lines),
@@ -304,7 +305,7 @@ impl JobBackend for HfJobs {
             ..self.log_options.clone()
         };
         let logs = self.client.logs(&ns, id, &options).await.map_err(text)?;
-        Ok(logs.lines.join("\n"))
+        Ok(logs.lines)
     }
 
     async fn cancel(&self, id: &str, namespace: Option<&str>) -> Result<(), String> {

@@ -97,6 +97,29 @@ pub struct ScheduleInfo {
     pub detach: bool,
 }
 
+/// One line of a job's output.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogLine {
+    /// When the platform says it was printed (RFC 3339).
+    pub at: Option<String>,
+    pub text: String,
+}
+
+impl LogLine {
+    pub fn unstamped(text: &str) -> Self {
+        LogLine {
+            at: None,
+            text: text.to_string(),
+        }
+    }
+}
+
+/// The lines' text, one per line.
+pub fn log_text(lines: &[LogLine]) -> String {
+    let texts: Vec<&str> = lines.iter().map(|l| l.text.as_str()).collect();
+    texts.join("\n")
+}
+
 #[async_trait]
 pub trait JobBackend: Send + Sync {
     /// `cluster` or `huggingface`, as in `status.jobs[].backend`.
@@ -107,18 +130,22 @@ pub trait JobBackend: Send + Sync {
     async fn inspect(&self, id: &str, namespace: Option<&str>) -> Result<JobInfo, String>;
     /// The job's output so far (stdout and stderr), one line per entry.
     async fn logs(&self, id: &str, namespace: Option<&str>) -> Result<String, String>;
-    /// The last `lines` lines of the job's output: what following its progress reads, as a
-    /// long job prints more than one look should fetch. Metrics seen in earlier looks stay
-    /// in status, so only what was printed since matters.
+    /// The last `lines` lines of the job's output, stamped with when they were printed
+    /// where the platform says: what following its progress reads, as a long job prints
+    /// more than one look should fetch. Metrics seen in earlier looks stay in status, so
+    /// only what was printed since matters.
     async fn log_tail(
         &self,
         id: &str,
         namespace: Option<&str>,
         lines: usize,
-    ) -> Result<String, String> {
+    ) -> Result<Vec<LogLine>, String> {
         let all = self.logs(id, namespace).await?;
         let kept: Vec<&str> = all.lines().collect();
-        Ok(kept[kept.len().saturating_sub(lines)..].join("\n"))
+        Ok(kept[kept.len().saturating_sub(lines)..]
+            .iter()
+            .map(|l| LogLine::unstamped(l))
+            .collect())
     }
     async fn cancel(&self, id: &str, namespace: Option<&str>) -> Result<(), String>;
     /// The hardware on offer, for validation, descriptions and cost.

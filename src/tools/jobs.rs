@@ -44,6 +44,12 @@ pub enum JobObservation {
         id: String,
         metrics: Vec<Metric>,
     },
+    /// Output a look found that was printed after what was shown before.
+    Log {
+        backend: &'static str,
+        id: String,
+        lines: Vec<LogLine>,
+    },
     /// A look at all unfinished jobs is over.
     LookDone,
     /// The agent created a scheduled job.
@@ -311,7 +317,7 @@ impl JobsTool {
     async fn logs(&self, args: &Args) -> Result<String, String> {
         let id = Self::job_id(args)?;
         let ns = args.namespace.as_deref();
-        let logs = self.backend.log_tail(&id, ns, LOGS_MAX_LINES).await?;
+        let logs = log_text(&self.backend.log_tail(&id, ns, LOGS_MAX_LINES).await?);
         self.tell_metrics(&id, &logs).await;
         let logs = super::bash::strip_ansi(&logs);
         let total = logs.chars().count();
