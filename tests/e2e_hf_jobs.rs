@@ -115,11 +115,16 @@ async fn hf_jobs_wait_for_approval_are_followed_to_the_end_and_cancelled_with_th
         })
         .await;
     let status = done.status.unwrap();
-    let train = &status.jobs[0];
-    assert_eq!(
-        (train.backend.as_str(), train.flavor.as_str()),
-        ("huggingface", "t4-small")
-    );
+    // The approved runs ran side by side: status lists them in the order they came back.
+    let flavored = |f: &str| {
+        status
+            .jobs
+            .iter()
+            .find(|j| j.flavor == f)
+            .unwrap_or_else(|| panic!("a {f} job in {:#?}", status.jobs))
+    };
+    let (train, serve) = (flavored("t4-small"), flavored("cpu-basic"));
+    assert_eq!(train.backend, "huggingface");
     assert_eq!(
         train.url.as_deref(),
         Some(format!("{}/jobs/{USER}/{}", hub.url, train.id).as_str())
@@ -130,7 +135,6 @@ async fn hf_jobs_wait_for_approval_are_followed_to_the_end_and_cancelled_with_th
         ("loss", "0.21", Some(50))
     );
     assert_eq!(train.usd_per_hour.as_deref(), Some("0.4"));
-    let serve = &status.jobs[1];
     assert_eq!(serve.state, "Running");
     let schedule = &status.schedules[0];
     assert_eq!(
