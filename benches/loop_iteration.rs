@@ -6,6 +6,8 @@
 //! Run: `cargo bench --bench loop_iteration` (ITERATIONS=N to change the count).
 
 // Only the pieces of the test server a zero-latency model needs are used.
+#[path = "../tests/support/loopback.rs"]
+mod loopback;
 #[allow(dead_code)]
 #[path = "../tests/support/scripted_llm.rs"]
 mod scripted_llm;

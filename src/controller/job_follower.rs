@@ -317,19 +317,22 @@ pub async fn look(targets: &[Target], backends: &JobBackends) -> Vec<JobObservat
         let Some(backend) = backends.of(&t.backend) else {
             continue;
         };
-        match backend.inspect(&t.id, t.namespace.as_deref()).await {
-            Ok(info) => seen.push(JobObservation::State {
-                backend: backend.kind(),
-                info,
-                usd_per_hour: None,
-            }),
+        let looked = backend.look(&t.id, t.namespace.as_deref(), FOLLOW_TAIL_LINES);
+        let tail = match looked.await {
+            Ok((info, tail)) => {
+                seen.push(JobObservation::State {
+                    backend: backend.kind(),
+                    info,
+                    usd_per_hour: None,
+                });
+                tail
+            }
             Err(e) => {
                 tracing::debug!(job = %t.id, error = %e, "could not look at a job");
                 continue;
             }
-        }
-        let tail = backend.log_tail(&t.id, t.namespace.as_deref(), FOLLOW_TAIL_LINES);
-        if let Ok(lines) = tail.await {
+        };
+        if let Ok(lines) = tail {
             let metrics = parse_metrics(&log_text(&lines));
             if !metrics.is_empty() {
                 seen.push(JobObservation::Metrics {

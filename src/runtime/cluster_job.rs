@@ -232,19 +232,17 @@ impl ClusterJobs {
         }
     }
 
-    /// The job container's output (its last `tail_lines` lines, or from the start), at most
-    /// `LOG_LIMIT_BYTES`.
+    /// The job container's output in `pod` (its last `tail_lines` lines, or from the
+    /// start), at most `LOG_LIMIT_BYTES`.
     async fn pod_log(
         &self,
-        id: &str,
+        pod: Option<&Pod>,
         tail_lines: Option<i64>,
         timestamps: bool,
     ) -> Result<String, String> {
-        self.own_job(id).await?;
-        let Some(pod) = self.pod_of(id).await else {
+        let Some(name) = pod.and_then(|p| p.metadata.name.as_deref()) else {
             return Ok(String::new());
         };
-        let name = pod.metadata.name.unwrap_or_default();
         let params = LogParams {
             container: Some(JOB_CONTAINER.into()),
             limit_bytes: Some(LOG_LIMIT_BYTES),
@@ -252,12 +250,18 @@ impl ClusterJobs {
             timestamps,
             ..Default::default()
         };
-        match self.pods.logs(&name, &params).await {
+        match self.pods.logs(name, &params).await {
             Ok(text) => Ok(text),
             // Not started yet: no logs, which is not an error.
             Err(kube::Error::Api(e)) if e.code == 400 => Ok(String::new()),
             Err(e) => Err(kube_error_text(&e)),
         }
+    }
+
+    async fn stamped_tail(&self, pod: Option<&Pod>, lines: usize) -> Result<Vec<LogLine>, String> {
+        let tail = i64::try_from(lines).unwrap_or(i64::MAX);
+        let text = self.pod_log(pod, Some(tail), true).await?;
+        Ok(text.lines().map(stamped_line).collect())
     }
 
     /// `job` as the tool reports it; `pod` is its (latest) pod, if it has one.
@@ -461,7 +465,9 @@ impl JobBackend for ClusterJobs {
     }
 
     async fn logs(&self, id: &str, _: Option<&str>) -> Result<String, String> {
-        self.pod_log(id, None, false).await
+        self.own_job(id).await?;
+        self.pod_log(self.pod_of(id).await.as_ref(), None, false)
+            .await
     }
 
     async fn log_tail(
@@ -470,9 +476,21 @@ impl JobBackend for ClusterJobs {
         _: Option<&str>,
         lines: usize,
     ) -> Result<Vec<LogLine>, String> {
-        let tail = i64::try_from(lines).unwrap_or(i64::MAX);
-        let text = self.pod_log(id, Some(tail), true).await?;
-        Ok(text.lines().map(stamped_line).collect())
+        self.own_job(id).await?;
+        self.stamped_tail(self.pod_of(id).await.as_ref(), lines)
+            .await
+    }
+
+    async fn look(
+        &self,
+        id: &str,
+        _: Option<&str>,
+        lines: usize,
+    ) -> Result<(JobInfo, Result<Vec<LogLine>, String>), String> {
+        let job = self.own_job(id).await?;
+        let pod = self.pod_of(id).await;
+        let tail = self.stamped_tail(pod.as_ref(), lines).await;
+        Ok((Self::info(&job, pod.as_ref()), tail))
     }
 
     async fn cancel(&self, id: &str, _: Option<&str>) -> Result<(), String> {

@@ -147,6 +147,17 @@ pub trait JobBackend: Send + Sync {
             .map(|l| LogLine::unstamped(l))
             .collect())
     }
+    /// What one look of the follower needs: the job's state, and the end of its output
+    /// (or why that could not be read). Backends that can share the lookups override it.
+    async fn look(
+        &self,
+        id: &str,
+        namespace: Option<&str>,
+        lines: usize,
+    ) -> Result<(JobInfo, Result<Vec<LogLine>, String>), String> {
+        let info = self.inspect(id, namespace).await?;
+        Ok((info, self.log_tail(id, namespace, lines).await))
+    }
     async fn cancel(&self, id: &str, namespace: Option<&str>) -> Result<(), String>;
     /// The hardware on offer, for validation, descriptions and cost.
     async fn flavors(&self) -> Result<Vec<Flavor>, String>;

@@ -136,6 +136,18 @@ fn describe(job: &JobInfo) -> String {
     text
 }
 
+/// A markdown table, as the `ps` operations answer.
+fn markdown_table<const N: usize>(
+    headers: [&str; N],
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> String {
+    let mut table = format!("| {} |\n|{}\n", headers.join(" | "), "---|".repeat(N));
+    for row in rows {
+        table.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    table
+}
+
 fn describe_schedule(s: &ScheduleInfo) -> String {
     let mut text = format!(
         "Scheduled job: {}\nSchedule: {}\nSuspended: {}\nCommand: {}",
@@ -299,19 +311,19 @@ impl JobsTool {
                 "No running jobs (all=true lists finished ones too).".to_string()
             });
         }
-        let mut table =
-            "| JOB ID | FLAVOR | STATE | STARTED | FINISHED |\n|---|---|---|---|---|\n".to_string();
-        for j in jobs {
-            table.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
+        let rows = jobs.into_iter().map(|j| {
+            [
                 j.id,
                 j.flavor,
                 j.state,
-                j.started_at.as_deref().unwrap_or_default(),
-                j.finished_at.as_deref().unwrap_or_default()
-            ));
-        }
-        Ok(table)
+                j.started_at.unwrap_or_default(),
+                j.finished_at.unwrap_or_default(),
+            ]
+        });
+        Ok(markdown_table(
+            ["JOB ID", "FLAVOR", "STATE", "STARTED", "FINISHED"],
+            rows,
+        ))
     }
 
     async fn logs(&self, args: &Args) -> Result<String, String> {
@@ -385,20 +397,19 @@ impl JobsTool {
                 if list.is_empty() {
                     return Ok("No scheduled jobs.".into());
                 }
-                let mut table =
-                    "| ID | SCHEDULE | SUSPENDED | NEXT RUN | COMMAND |\n|---|---|---|---|---|\n"
-                        .to_string();
-                for s in list {
-                    table.push_str(&format!(
-                        "| {} | {} | {} | {} | {} |\n",
+                let rows = list.into_iter().map(|s| {
+                    [
                         s.id,
                         s.schedule,
-                        s.suspended,
-                        s.next_run_at.as_deref().unwrap_or_default(),
-                        crate::text::truncate_chars(&s.command, 60)
-                    ));
-                }
-                Ok(table)
+                        s.suspended.to_string(),
+                        s.next_run_at.unwrap_or_default(),
+                        crate::text::truncate_chars(&s.command, 60),
+                    ]
+                });
+                Ok(markdown_table(
+                    ["ID", "SCHEDULE", "SUSPENDED", "NEXT RUN", "COMMAND"],
+                    rows,
+                ))
             }
             "scheduled inspect" => {
                 let info = scheduler

@@ -182,13 +182,7 @@ impl FakeHfHub {
             )
             .layer(axum::middleware::from_fn_with_state(hub.clone(), record))
             .with_state(hub.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let addr = listener.local_addr().expect("local address");
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, server) = super::loopback::serve(app).await;
         FakeHfHub {
             url: format!("http://{addr}"),
             hub,

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod hf_hub;
+pub mod loopback;
 pub mod scripted_llm;
 
 pub use cluster::{E2e, E2eOptions, PYTHON_IMAGE};

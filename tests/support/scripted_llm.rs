@@ -94,13 +94,7 @@ impl ScriptedLlm {
             .route("/v1/chat/completions", post(complete))
             .route("/v1/messages", post(messages))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a loopback port");
-        let addr = listener.local_addr().expect("local address");
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let (addr, server) = super::loopback::serve(app).await;
         ScriptedLlm {
             base_url: format!("http://{addr}/v1"),
             anthropic_url: format!("http://{addr}"),
